@@ -1,0 +1,113 @@
+"""The architecture of every reslab network, as data.
+
+A :class:`ResNetSpec` says everything that defines a network's shape: which residual
+transform each block applies, how many blocks each stage has, how wide they are, which
+stem and shortcut the network uses, and whether it is pre-activation, grouped, 3D, ...
+The one :class:`~reslab.models.resnet.ResNet` class turns a spec into modules.
+
+Glossary (names in code -> symbols in the papers):
+
+- ``depths``: blocks per stage (He et al. 2015, Table 1 "x n"; the CIFAR nets' ``n``).
+- ``widths``: a stage's *planes*: the bottleneck's narrow width, or a basic block's width.
+- ``expansion``: ``out_chs = planes * expansion`` (4 for bottlenecks, 1 for basic blocks).
+- ``in_chs`` / ``mid_chs`` / ``out_chs``: a block's input, inner and output channels.
+- ``groups``: ResNeXt's cardinality ``C``; ``base_width``: its ``d`` (width per group for
+  64 planes), so ``mid_chs = planes * base_width / 64 * groups``.
+- ``shortcut``: the paper's options A/B/C (Sec. 3.3), plus D (average-pool then project,
+  "Bag of Tricks" ResNet-D) and ``"none"`` (the plain twin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from reslab.errors import ReslabError
+
+TRANSFORMS = ("basic", "bottleneck")
+EXPANSION = {"basic": 1, "bottleneck": 4}
+STEMS = ("imagenet", "cifar", "deep", "video", "video_2plus1d")
+SHORTCUTS = ("A", "B", "C", "D", "none")
+CONVS = ("standard", "2plus1d", "no_temporal")
+ATTNS = (None, "se")
+LAYOUTS = ("flat", "grouped")
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """One residual network architecture. Frozen: a spec is a value, not a configuration object."""
+
+    block: str  # the residual transform: "basic" (two 3x3) or "bottleneck" (1x1-3x3-1x1)
+    depths: tuple[int, ...]  # blocks per stage
+    widths: tuple[int, ...]  # planes per stage
+    stem: str = "imagenet"
+    stem_width: int = 64  # channels the stem hands to the first stage
+    shortcut: str = "B"
+    preact: bool = False  # BN-ReLU-conv order, identity path left clean (He et al. 2016)
+    groups: int = 1
+    base_width: int = 64
+    attn: str | None = None  # attention on the branch output, e.g. squeeze-and-excitation
+    ndim: int = 2  # 2 for images, 3 for video clips (the same wiring with 3D layers)
+    conv: tuple[str, ...] = ("standard",)  # conv maker, one per stage or one for all
+    layout: str = "flat"  # state-dict naming: torchvision's 2D (conv1, bn1) or video (conv1.0, conv1.1)
+    dropout: float = 0.0  # between the convs of a block (Wide ResNets)
+    num_classes: int = 1000
+    input_size: tuple[int, ...] = (224, 224)  # default spatial (and temporal) size, for FLOPs and info
+
+    def __post_init__(self) -> None:
+        if len(self.conv) == 1 and len(self.depths) > 1:
+            object.__setattr__(self, "conv", self.conv * len(self.depths))
+        problems = []
+        if self.block not in TRANSFORMS:
+            problems.append(f"block={self.block!r} (choose from {', '.join(TRANSFORMS)})")
+        if len(self.depths) != len(self.widths) or not self.depths:
+            problems.append(f"depths {self.depths} and widths {self.widths} need one entry per stage")
+        if any(d < 1 for d in self.depths):
+            problems.append(f"depths {self.depths} must be positive")
+        if self.stem not in STEMS:
+            problems.append(f"stem={self.stem!r} (choose from {', '.join(STEMS)})")
+        if self.shortcut not in SHORTCUTS:
+            problems.append(f"shortcut={self.shortcut!r} (choose from {', '.join(SHORTCUTS)})")
+        if len(self.conv) != len(self.depths) or any(c not in CONVS for c in self.conv):
+            problems.append(f"conv={self.conv} (one of {', '.join(CONVS)} per stage)")
+        if self.attn not in ATTNS:
+            problems.append(f"attn={self.attn!r} (choose from {ATTNS})")
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout={self.layout!r} (choose from {', '.join(LAYOUTS)})")
+        if self.ndim not in (2, 3) or len(self.input_size) != self.ndim:
+            problems.append(f"ndim={self.ndim} with input_size={self.input_size}")
+        if self.block == "basic" and (self.groups != 1 or self.base_width != 64):
+            problems.append("basic blocks have no groups/base_width (use block='bottleneck')")
+        if self.preact and self.layout == "grouped":
+            problems.append("pre-activation blocks use the flat layout")
+        if problems:
+            raise ReslabError("invalid ResNetSpec: " + "; ".join(problems))
+
+    @property
+    def expansion(self) -> int:
+        return EXPANSION[self.block]
+
+    @property
+    def residual(self) -> bool:
+        return self.shortcut != "none"
+
+    @property
+    def out_widths(self) -> tuple[int, ...]:
+        """Output channels of each stage."""
+        return tuple(w * self.expansion for w in self.widths)
+
+    @property
+    def num_layers(self) -> int:
+        """Weighted layers as the papers count them: stem convs, branch convs and the classifier."""
+        per_block = 2 if self.block == "basic" else 3
+        stem_convs = 3 if self.stem == "deep" else 1
+        return stem_convs + per_block * sum(self.depths) + 1
+
+    def replace(self, **changes: Any) -> ResNetSpec:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+SPEC_FIELDS = tuple(f.name for f in fields(ResNetSpec))

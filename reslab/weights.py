@@ -1,0 +1,213 @@
+"""Reading and writing weights: reslab's own checkpoints, torchvision, timm and common training scripts.
+
+Files are read with ``torch.load(weights_only=True)`` or safetensors: tensors and plain data
+only, never pickled code. Every failure names the file and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+
+# Containers that training scripts wrap a state dict in, most specific first.
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network")
+# Prefixes added by wrappers: DataParallel/DDP, torch.compile, Lightning-style "self.model".
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Classifier names used by other code bases for what torchvision (and reslab) call ``fc``.
+_HEAD_ALIASES = ("linear.", "classifier.", "head.fc.", "head.")
+_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".tar", ".safetensors")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did: keys it loaded, skipped and could not fill."""
+
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape"
+    head_skipped: bool = False
+
+    def __str__(self) -> str:
+        parts = [f"loaded {self.loaded} tensors"]
+        if self.head_skipped:
+            parts.append("kept the model's own classifier")
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mismatched", self.mismatched),
+        ):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({_preview(keys)})")
+        return "; ".join(parts)
+
+
+def _preview(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw object stored in a checkpoint file, read without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReslabError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ReslabError(
+                f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ReslabError(
+                f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+                "which reslab will not unpickle; re-save it with torch.save(model.state_dict(), path)"
+            ) from None
+        raise ReslabError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # the unpickler raises anything from EOFError to IndexError on junk
+        raise ReslabError(
+            f"{path}: cannot be read as a checkpoint (truncated or corrupt?): {_first_line(e)}"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise ReslabError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return dict(obj)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def extract_state_dict(obj: Mapping[str, Any], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Unwrap the state dict from the containers and prefixes that training scripts add."""
+    sd: Any = obj
+    while isinstance(sd, Mapping) and not _is_state_dict(sd):
+        inner = next((sd[k] for k in _CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            raise ReslabError(
+                f"{source}: no state dict found (top-level keys: {_preview(sorted(map(str, sd)), 6)}); "
+                f"expected tensors or one of {', '.join(_CONTAINER_KEYS)}"
+            )
+        sd = inner
+    sd = dict(sd)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _is_state_dict(d: Mapping[str, Any]) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _rename_head(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    if any(k.startswith("fc.") for k in sd) or not any(k.startswith("fc.") for k in model_keys):
+        return sd
+    for alias in _HEAD_ALIASES:
+        if f"{alias}weight" in sd:
+            return {("fc." + k[len(alias) :] if k.startswith(alias) else k): v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    ignore_head: bool = False,
+) -> LoadReport:
+    """Load ``source`` (a file path or a state dict / checkpoint dict) into ``model``.
+
+    Understands reslab checkpoints, torchvision and timm state dicts, and checkpoints from common
+    training scripts (a dict holding ``state_dict`` or ``model``, DataParallel's ``module.`` prefix,
+    a head called ``linear``). When only the classifier differs, says so; ``ignore_head=True`` (or
+    ``strict=False``) then loads everything else. ``strict=False`` also skips missing, unexpected
+    and mismatched keys, and the returned report lists them.
+    """
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+    obj = read_file(source) if isinstance(source, (str, os.PathLike)) else source
+    sd = extract_state_dict(obj, source=name)
+    own = model.state_dict()
+    sd = _rename_head(sd, set(own))
+    head = {"fc.weight", "fc.bias"}
+    if not head & set(own):  # a headless model (num_classes=0, features_only) takes no classifier
+        sd = {k: v for k, v in sd.items() if k not in head}
+    report = _compare(sd, own)
+    head_only = bool(report.mismatched) and {m.split(":")[0] for m in report.mismatched} <= head
+    head_only = head_only and not report.missing and not report.unexpected
+    if head_only and strict and not ignore_head:
+        raise ReslabError(
+            f"{name}: only the classifier differs (checkpoint {sd['fc.weight'].shape[0]} classes, "
+            f"model {own['fc.weight'].shape[0]}); pass ignore_head=True (or strict=False) to load the rest"
+        )
+    if ignore_head or head_only:
+        sd = {k: v for k, v in sd.items() if k not in head}
+        report = _compare(sd, {k: v for k, v in own.items() if k not in head})
+        report.head_skipped = True
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        label = getattr(model, "name", type(model).__name__)
+        raise ReslabError(f"{name}: does not fit model {label}: {report}")
+    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(sd, strict=False)
+    report.loaded = len(sd)
+    return report
+
+
+def _compare(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> LoadReport:
+    shared = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
+    return LoadReport(
+        missing=sorted(set(own) - set(sd)),
+        unexpected=sorted(set(sd) - set(own)),
+        mismatched=[f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shared],
+    )
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temp file, then rename.
+
+    A crash mid-write leaves the previous file intact: readers see the old file or the new one,
+    never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().contiguous() for k, v in obj.items()}
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> Path:
+    """Save a model's weights (``.safetensors`` or a torch file with ``meta``) atomically."""
+    sd = model.state_dict()
+    if Path(path).suffix == ".safetensors":
+        return atomic_save(sd, path)
+    return atomic_save({"model": sd, "arch": getattr(model, "name", None), **meta}, path)

@@ -1,0 +1,37 @@
+"""Shared fixtures: registry-driven parameters, small inputs, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from reslab.models import get_model_entry
+
+SHARED_DATA = Path(
+    os.environ.get("RESLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the user's cache, and never download."""
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path_factory.getbasetemp() / "reslab-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+
+
+def small_input(name: str, batch: int = 2, in_chans: int = 3) -> torch.Tensor:
+    """A small input the model accepts: 32x32 for CIFAR nets, 64x64 for ImageNet nets, short clips."""
+    spec = get_model_entry(name).spec
+    size = (4, 32, 32) if spec.ndim == 3 else ((32, 32) if spec.input_size[-1] <= 32 else (64, 64))
+    return torch.randn(batch, in_chans, *size, generator=torch.Generator().manual_seed(0))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test when the real data is not on this machine."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path

@@ -1,0 +1,72 @@
+"""Params and FLOPs: computed for every model, checked against a golden table and published figures.
+
+Regenerate the golden table after an intended architecture change with
+``RESLAB_UPDATE_GOLDEN=1 pytest tests/test_complexity.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reslab import list_models
+from reslab.complexity import model_stats
+
+GOLDEN = Path(__file__).parent / "golden" / "complexity.json"
+# (params in millions, GFLOPs) as published: torchvision's model docs, and the paper's Table 6.
+PUBLISHED = {
+    "resnet18": (11.69, 1.81),
+    "resnet34": (21.80, 3.66),
+    "resnet50": (25.56, 4.09),
+    "resnet101": (44.55, 7.80),
+    "resnet152": (60.19, 11.51),
+}
+PAPER_TABLE6 = {
+    "resnet20": 0.27,
+    "resnet32": 0.46,
+    "resnet44": 0.66,
+    "resnet56": 0.85,
+    "resnet110": 1.7,
+    "resnet1202": 19.4,
+}
+
+
+@pytest.fixture(scope="module")
+def stats() -> dict[str, dict]:
+    return {name: model_stats(name, cache=False) for name in list_models()}
+
+
+def test_golden_table(stats: dict[str, dict]) -> None:
+    table = {n: {"params": s["params"], "gflops": round(s["gflops"], 6)} for n, s in stats.items()}
+    if os.environ.get("RESLAB_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    missing = sorted(set(table) - set(golden))
+    assert not missing, f"no golden entry for {missing}: run RESLAB_UPDATE_GOLDEN=1 pytest {__file__}"
+    for name, row in table.items():
+        assert row["params"] == golden[name]["params"], name
+        assert row["gflops"] == pytest.approx(golden[name]["gflops"], rel=1e-6), name
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_torchvision_published_figures(stats: dict[str, dict], name: str) -> None:
+    params_m, gflops = PUBLISHED[name]
+    assert round(stats[name]["params"] / 1e6, 2) == params_m
+    assert round(stats[name]["gflops"], 2) == gflops
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE6))
+def test_paper_table6_params(stats: dict[str, dict], name: str) -> None:
+    expected = PAPER_TABLE6[name]
+    digits = 2 if expected < 1 else 1
+    assert round(stats[name]["params"] / 1e6, digits) == expected
+
+
+def test_cache_is_keyed_by_spec(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path))
+    first = model_stats("resnet20")
+    assert (tmp_path / "complexity.json").exists()
+    assert model_stats("resnet20") == first
