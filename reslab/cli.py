@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
@@ -126,6 +127,163 @@ def _info(p: argparse.ArgumentParser) -> Handler:
             )
         )
         return 0
+
+    return run
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="YAML", help="a recipe file or bundled recipe name (e.g. cifar10_paper)"
+    )
+    p.add_argument("--model", help="a registered model name (reslab models)")
+    p.add_argument("--data", help="default | mnist | cifar10 | cifar100 | folder")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR/MNIST if missing")
+    p.add_argument(
+        "--val-split", type=float, metavar="F", help="hold out this fraction of train for validation"
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float)
+    budget.add_argument("--iters", type=int)
+    p.add_argument("--batch-size", type=int, help="per device")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<model>-<data>-<time>)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="any config key, e.g. optim.nesterov=true"
+    )
+
+
+_FLAG_KEYS = {"model": "model", "data": "data.name", "data_dir": "data.dir", "download": "data.download",
+              "val_split": "data.val_split", "epochs": "epochs", "iters": "iters", "batch_size": "data.batch_size",
+              "lr": "optim.lr", "seed": "seed", "out": "out", "device": "device", "amp": "amp",
+              "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "progress": "progress"}  # fmt: skip
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line flags and key=value pairs as dotted config overrides (flags win)."""
+    from reslab.config import parse_override
+
+    overrides = dict(parse_override(item) for item in args.overrides)
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if "epochs" in overrides or "iters" in overrides:  # one budget replaces the recipe's other one
+        overrides.setdefault("iters" if "epochs" in overrides else "epochs", None)
+    return overrides
+
+
+@command("train", "train a model (a recipe, flags and key=value overrides); --resume continues a run")
+def _train(p: argparse.ArgumentParser) -> Handler:
+    _train_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.config import load_config
+        from reslab.engine import fit
+        from reslab.engine.loop import TrainingInterrupted
+
+        overrides = train_overrides(args)
+        if args.resume:
+            extra = set(overrides) - {"device", "progress"}
+            if extra or args.config:
+                raise ReslabError(
+                    f"--resume continues a run with its own config; drop {', '.join(sorted(extra)) or '--config'}"
+                )
+            cfg = load_config(overrides=overrides)
+        else:
+            cfg = load_config(args.config, overrides)
+        try:
+            result = fit(cfg, resume=args.resume)
+        except TrainingInterrupted as e:
+            print(f"reslab: {e}", file=sys.stderr)
+            return 130
+        _print_run_result(result)
+        return 0
+
+    return run
+
+
+def _print_run_result(result) -> None:
+    s = result.summary
+    print(
+        f"\ndone: {result.eval_split} error {100 * s['eval_err']:.2f}% (top-5 {100 * s['eval_top5_err']:.2f}%) "
+        f"after {result.iterations} iterations, {s['train_seconds'] / 60:.1f} min of training"
+    )
+    print(f"  run directory  {result.run_dir}")
+    print(f"  checkpoints    {result.run_dir / 'last.pt'}, {result.run_dir / 'best.pt'}")
+    print(f"  plots          {result.run_dir / 'curves.png'}, {s['confusion_png']}")
+    print(
+        f"  metrics        {result.run_dir / 'metrics.csv'}, {result.run_dir / 'summary.json'}, tensorboard/"
+    )
+
+
+@command("eval", "evaluate a checkpoint: top-1/top-5 error, per-class accuracy, confusion matrix")
+def _eval(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument("--data", help="default: the data the checkpoint was trained on")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.engine.loop import evaluate_checkpoint
+
+        out = (
+            Path(args.out)
+            if args.out
+            else Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
+        )
+        report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, model=args.model,
+                                     device=args.device, out_dir=out)  # fmt: skip
+        if args.json:
+            print(json.dumps(report, indent=1))
+            return 0
+        print(
+            f"{report['data']} {report['split']} ({report['n']} images): top-1 error {100 * report['top1_err']:.2f}%, "
+            f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}"
+        )
+        rows = [{"cls": c, "acc": f"{100 * a:.1f}%"} for c, a in report["per_class_acc"].items()]
+        print(format_table(rows, [("cls", "class"), ("acc", "accuracy")]))
+        print(f"confusion matrix: {report['confusion_png']}")
+        return 0
+
+    return run
+
+
+@command("predict", "classify images with a checkpoint")
+def _predict(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.engine.loop import resolve_device
+        from reslab.inference import list_images, load_checkpoint, predict
+
+        model, meta = load_checkpoint(args.checkpoint, args.model, resolve_device(args.device))
+        results, skipped = predict(model, meta, list_images(args.inputs), args.topk)
+        for s in skipped:
+            print(f"reslab: skipped {s}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        else:
+            for r in results:
+                top = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
+                print(f"{r['file']}: {top}")
+        return 0 if results else 1
 
     return run
 

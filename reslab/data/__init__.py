@@ -1,0 +1,217 @@
+"""Datasets for training and evaluation: one call, :func:`build_data`, from a :class:`DataConfig`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reslab.config import DataConfig
+from reslab.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, imagenet_transforms
+from reslab.data.memory import TensorLoader
+from reslab.data.sources import (
+    ImageArrays,
+    decode_folder,
+    find_splits,
+    load_cifar,
+    load_embedded,
+    load_mnist,
+    peek_images,
+)
+from reslab.errors import ReslabError
+
+SMALL_IMAGE_MAX = 64  # folders of images up to this size are decoded into memory
+
+
+@dataclass
+class Data:
+    """Loaders and what a model needs to know about the data (classes, channels, preprocessing)."""
+
+    name: str
+    train: TensorLoader | FolderLoader
+    eval: TensorLoader | FolderLoader
+    eval_split: str  # "val" when held out from train, else "test"
+    classes: list[str]
+    in_chans: int
+    preprocess: dict[str, Any]  # how to turn an image file into a model input (for eval/predict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _stratified(labels: torch.Tensor, fraction: float | None, count: int | None, seed: int) -> torch.Tensor:
+    """A boolean mask picking ``fraction`` (or ``count`` in all) of each class, at random."""
+    n = len(labels)
+    share = fraction if fraction is not None else min(1.0, (count or n) / max(1, n))
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        mask[idx[: max(1, round(len(idx) * share))]] = True
+    return mask
+
+
+def _select_classes(arrays: ImageArrays, keep: list[str] | None) -> ImageArrays:
+    if not keep:
+        return arrays
+    missing = [c for c in keep if c not in arrays.classes]
+    if missing:
+        raise ReslabError(f"data.classes: {missing} not in this dataset's classes {arrays.classes}")
+    old = torch.tensor([arrays.classes.index(c) for c in keep])
+    mask = torch.isin(arrays.labels, old)
+    remap = torch.full((len(arrays.classes),), -1, dtype=torch.int64)
+    remap[old] = torch.arange(len(keep))
+    return ImageArrays(arrays.images[mask], remap[arrays.labels[mask]], list(keep))
+
+
+def _default_dir(name: str) -> Path:
+    env = os.environ.get("RESLAB_DATA")
+    if env:
+        return Path(env) / name
+    raise ReslabError(f"--data {name} needs --data-dir DIR (or set RESLAB_DATA)")
+
+
+def load_arrays(cfg: DataConfig, progress: bool = True) -> tuple[ImageArrays, ImageArrays | None] | None:
+    """Train and test arrays for small-image datasets, or None when the data must stream from files."""
+    if cfg.name == "default":
+        return load_embedded()
+    root = Path(cfg.dir) if cfg.dir else _default_dir(cfg.name)
+    if cfg.name == "mnist":
+        return load_mnist(root, cfg.download)
+    if cfg.name in ("cifar10", "cifar100"):
+        return load_cifar(root, 10 if cfg.name == "cifar10" else 100, cfg.download)
+    train, test = find_splits(root)
+    (h, w), channels = peek_images(train)
+    small = max(h, w) <= SMALL_IMAGE_MAX
+    if cfg.in_memory == "no" or (cfg.in_memory == "auto" and not small):
+        return None
+    from reslab.complexity import cache_dir
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "datasets"
+    decoded = [decode_folder(s, channels, cache, progress) for s in (train, test) if s is not None]
+    return decoded[0], decoded[1] if len(decoded) > 1 else None
+
+
+def build_data(
+    cfg: DataConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    channels: int | None = None,
+    channels_last: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    preprocess: dict[str, Any] | None = None,
+) -> Data:
+    """Build the training and evaluation loaders described by ``cfg``.
+
+    ``channels`` forces the number of input channels (grey images are repeated to RGB, colour
+    images averaged to grey); by default the data decides. ``preprocess`` (a checkpoint's) fixes
+    the normalisation and crop instead of deriving them from the training data.
+    """
+    arrays = load_arrays(cfg, progress)
+    if arrays is None:
+        return _build_streaming(cfg, seed, device, channels, channels_last, rank, world, preprocess)
+    train, test = (_select_classes(a, cfg.classes) if a is not None else None for a in arrays)
+    skipped = train.skipped + (test.skipped if test else [])
+    if cfg.limit_train:
+        train = train.subset(_stratified(train.labels, None, cfg.limit_train, seed))
+    if cfg.val_split > 0:
+        held = _stratified(train.labels, cfg.val_split, None, seed + 1)
+        train, evaluation, split = train.subset(~held), train.subset(held), "val"
+    elif test is not None:
+        evaluation, split = test, "test"
+    else:
+        raise ReslabError(
+            f"{cfg.dir}: no val/ or test/ folder; pass --val-split 0.1 to hold out part of train"
+        )
+    if cfg.limit_test and split == "test":
+        evaluation = evaluation.subset(_stratified(evaluation.labels, None, cfg.limit_test, seed))
+    if channels and channels != train.images.shape[1]:
+        train, evaluation = (_convert_channels(a, channels) for a in (train, evaluation))
+    in_chans = train.images.shape[1]
+    if preprocess is not None:
+        mean, std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+    else:  # per-channel statistics of the training images: computed, not looked up
+        pixels = train.images.transpose(0, 1).reshape(in_chans, -1).double() / 255
+        mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+    augment = cfg.augment
+    if augment == "auto":  # digits must not be mirrored; natural images may
+        augment = "crop" if cfg.name in ("default", "mnist") or in_chans == 1 else "crop_flip"
+    common = dict(
+        mean=mean, std=std, seed=seed, device=device, channels_last=channels_last, rank=rank, world=world
+    )
+    return Data(
+        name=cfg.name,
+        train=TensorLoader(train.images, train.labels, batch_size=cfg.batch_size, train=True,
+                           augment=augment, pad=cfg.pad, **common),
+        eval=TensorLoader(evaluation.images, evaluation.labels, batch_size=cfg.eval_batch_size, train=False,
+                          **common),
+        eval_split=split,
+        classes=train.classes,
+        in_chans=in_chans,
+        preprocess={"kind": "resize", "size": list(train.images.shape[2:]), "mean": list(mean), "std": list(std),
+                    "channels": in_chans},
+        skipped=skipped,
+    )  # fmt: skip
+
+
+def _convert_channels(a: ImageArrays, channels: int) -> ImageArrays:
+    x = a.images
+    x = (
+        x.expand(-1, channels, -1, -1).contiguous()
+        if x.shape[1] == 1
+        else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    )
+    return ImageArrays(x, a.labels, a.classes, a.skipped)
+
+
+def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, rank, world, preprocess) -> Data:
+    root = Path(cfg.dir)
+    train, test = find_splits(root)
+    samples, classes = train.samples, train.classes
+    if cfg.classes:
+        keep = {c: i for i, c in enumerate(cfg.classes)}
+        samples = [(p, keep[train.classes[y]]) for p, y in samples if train.classes[y] in keep]
+        classes = list(cfg.classes)
+    labels = torch.tensor([y for _, y in samples])
+    if cfg.limit_train:
+        mask = _stratified(labels, None, cfg.limit_train, seed)
+        samples, labels = [s for s, m in zip(samples, mask) if m], labels[mask]
+    if cfg.val_split > 0:
+        held = _stratified(labels, cfg.val_split, None, seed + 1)
+        evaluation = [s for s, h in zip(samples, held) if h]
+        samples, split = [s for s, h in zip(samples, held) if not h], "val"
+    elif test is not None:
+        evaluation, split = test.samples, "test"
+        if cfg.classes:
+            keep = {c: i for i, c in enumerate(cfg.classes)}
+            evaluation = [(p, keep[test.classes[y]]) for p, y in evaluation if test.classes[y] in keep]
+    else:
+        raise ReslabError(f"{root}: no val/ or test/ folder; pass --val-split 0.1 to hold out part of train")
+    in_chans = channels or peek_images(train)[1]
+    if preprocess is not None and preprocess.get("kind") == "imagenet":
+        size, resize = preprocess["size"][-1], preprocess["resize"]
+        mean, std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+    else:
+        size = cfg.image_size or 224
+        resize = cfg.resize or round(size * 256 / 224)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    common = dict(channels=in_chans, workers=workers, seed=seed, device=device, channels_last=channels_last,
+                  rank=rank, world=world)  # fmt: skip
+    return Data(
+        name=cfg.name,
+        train=FolderLoader(samples, imagenet_transforms(cfg.augment != "none", size, resize, mean, std),
+                           batch_size=cfg.batch_size, train=True, **common),
+        eval=FolderLoader(evaluation, imagenet_transforms(False, size, resize, mean, std),
+                          batch_size=cfg.eval_batch_size, train=False, **common),
+        eval_split=split,
+        classes=classes,
+        in_chans=in_chans,
+        preprocess={"kind": "imagenet", "size": [size, size], "resize": resize, "mean": list(mean),
+                    "std": list(std), "channels": in_chans},
+    )  # fmt: skip

@@ -1,0 +1,120 @@
+"""Batches from images held in memory as uint8, augmented a whole batch at a time on the device.
+
+No per-sample Python runs in the hot loop: a batch is one index into the uint8 tensor, one
+gather for the random crops, one ``where`` for the flips and one fused normalisation. Every
+random choice comes from a generator seeded by (seed, epoch, step), so a run resumed in the
+middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """A well-mixed 63-bit seed for one (epoch, step) of a run."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Pad by ``pad`` zeros, crop back to size at a random offset per image, mirror half of them.
+
+    The paper's CIFAR augmentation (Sec. 4.2): "4 pixels are padded on each side, and a 32x32
+    crop is randomly sampled from the padded image or its horizontal flip".
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (n, 1, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (n, 1, 1, w)
+        batch = torch.arange(n, device=dev)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if flip:
+        mirror = torch.rand(n, generator=generator, device=dev) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class TensorLoader:
+    """Iterates (images, labels) batches from uint8 tensors kept on ``device``.
+
+    Training loaders shuffle with a per-epoch permutation, drop the last partial batch (so every
+    iteration has the same batch size, as the paper counts iterations) and augment; evaluation
+    loaders keep the order and every sample. ``rank``/``world`` shard the data for DDP: each
+    process takes every ``world``-th index of the shared permutation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        train: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: str = "none",
+        pad: int = 4,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment, pad
+        self.seed, self.rank, self.world = seed, rank, world
+        self.channels_last = channels_last
+        c = images.shape[1]
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(1, c, 1, 1).to(self.device)
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this process sees per epoch."""
+        n = len(self.labels)
+        return (n - self.rank + self.world - 1) // self.world
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch to iterate next, starting at batch ``start_step`` (mid-epoch resume)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n)[self.rank :: self.world]
+        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
+        return torch.randperm(n, generator=g)[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.device)
+        b = self.batch_size
+        start, self.start_step = self.start_step, 0
+        gen = torch.Generator(device=self.device)
+        for step in range(start, len(self)):
+            idx = order[step * b : (step + 1) * b]
+            x = self.images[idx]
+            if self.train and self.augment != "none":
+                gen.manual_seed(step_seed(self.seed + 1 + self.rank, self.epoch, step))
+                x = random_crop_flip(
+                    x, self.pad if "crop" in self.augment else 0, "flip" in self.augment, gen
+                )
+            x = (x.float() - self.shift) * self.scale
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

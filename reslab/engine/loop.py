@@ -1,0 +1,566 @@
+"""The training engine: ``train_one_epoch``, ``evaluate`` and ``fit``, which only wires them.
+
+Exact resume: the data order and augmentation are functions of (seed, epoch, step), the
+learning rate a function of the iteration, and the checkpoint holds the model, optimizer,
+scaler, EMA, RNG states and the partial epoch's running sums. A run interrupted at any step
+and resumed ends with the same weights as the run left alone (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reslab.config import TrainConfig, load_config, save_config, to_dict
+from reslab.engine import distributed as dist
+from reslab.engine.runlog import RunLog, epoch_line, plot_curves
+from reslab.engine.schedule import lr_factor
+from reslab.errors import ReslabError
+from reslab.weights import atomic_save, read_file
+
+SMALL_BATCH = 16
+
+
+class TrainingInterrupted(ReslabError):
+    """Raised after an interrupted run has saved its checkpoint; the CLI exits with 130."""
+
+
+class NonFiniteLoss(ReslabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the part of a checkpoint that is not tensors of the model or optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches done in the current epoch
+    iteration: int = 0  # optimizer steps done in all
+    best_err: float = math.inf
+    best_iteration: int = -1
+    # Running sums of the current epoch: loss, errors, samples, seconds (restored on resume).
+    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "err": 0.0, "n": 0.0, "time": 0.0})
+
+
+class EMA:
+    """Exponential moving average of a model's weights (buffers copied), for evaluation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.dtype.is_floating_point:
+                e.lerp_(m, 1.0 - self.decay)
+            else:
+                e.copy_(m)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ReslabError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return device
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD or AdamW; norm weights and biases optionally without weight decay (modern recipes)."""
+    o = cfg.optim
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 and not o.decay_norm_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    lr = o.lr * lr_scale
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas)
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    total_iters: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: EMA | None = None,
+    log: RunLog | None = None,
+    stop: Stop | None = None,
+) -> None:
+    """Train until the epoch ends, the budget is spent or a stop is requested; update ``state``."""
+    model.train()
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    check_every = 1 if device.type == "cpu" else cfg.log_every  # a GPU sync per step costs throughput
+    window = {"loss": torch.zeros((), device=device, dtype=torch.float64), "err": torch.zeros((), device=device,
+              dtype=torch.float64), "n": 0, "t": time.perf_counter()}  # fmt: skip
+    steps = len(loader)
+    bar = _progress(cfg, total=steps * loader.batch_size, initial=state.step * loader.batch_size,
+                    desc=f"epoch {state.epoch + 1}")  # fmt: skip
+    t_step = time.perf_counter()
+    for x, y in loader:
+        factor = lr_factor(state.iteration, total_iters, cfg.sched)
+        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            g["lr"] = base * factor
+        with _autocast(device, cfg.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if ema is not None:
+            ema.update(dist.unwrap(model))
+        with torch.no_grad():
+            n = len(y)
+            window["loss"] += loss.detach().double() * n
+            window["err"] += (logits.argmax(1) != y).sum().double()
+            window["n"] += n
+        state.iteration += 1
+        state.step += 1
+        if state.iteration % check_every == 0 and not math.isfinite(window["loss"].item()):
+            raise NonFiniteLoss(
+                f"the loss became {window['loss'].item()} by iteration {state.iteration}; the last good checkpoint "
+                "is kept. Lower optim.lr, add warm-up (sched.warmup_iters=400) or clip gradients (grad_clip=1.0)"
+            )
+        now = time.perf_counter()
+        state.sums["time"] += now - t_step
+        t_step = now
+        if state.iteration % cfg.log_every == 0 or state.step == steps:
+            row = _flush_window(window, state, optimizer, log)
+            if bar is not None and row:
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", err=f"{100 * row['train_err']:.1f}%",
+                                lr=f"{row['lr']:.3g}", refresh=False)  # fmt: skip
+        if bar is not None:
+            bar.update(n)
+        if state.iteration >= total_iters or (stop is not None and stop.requested):
+            break
+    if window["n"]:
+        _flush_window(window, state, optimizer, log)
+    if bar is not None:
+        bar.close()
+
+
+def _flush_window(window: dict, state: TrainState, optimizer, log: RunLog | None) -> dict[str, Any] | None:
+    """Fold the logging window into the epoch's sums and write (and return) an iteration row."""
+    loss, err, n = dist.all_reduce_sum(window["loss"], window["err"], window["n"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {loss} by iteration {state.iteration}; the last good checkpoint is "
+                            "kept. Lower optim.lr, add warm-up (sched.warmup_iters=400) or clip gradients (grad_clip=1.0)")  # fmt: skip
+    state.sums["loss"] += loss
+    state.sums["err"] += err
+    state.sums["n"] += n
+    elapsed = time.perf_counter() - window["t"]
+    row = None
+    if n:
+        row = {"kind": "iter", "iteration": state.iteration, "epoch": state.epoch + 1, "train_loss": loss / n,
+               "train_err": err / n, "lr": optimizer.param_groups[0]["lr"], "img_s": n / max(elapsed, 1e-9)}  # fmt: skip
+        if log is not None:
+            log.log(row)
+    window["loss"].zero_()
+    window["err"].zero_()
+    window["n"] = 0
+    window["t"] = time.perf_counter()
+    return row
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp: str = "none", num_classes: int | None = None
+) -> dict[str, Any]:
+    """Loss, top-1/top-5 error and the confusion matrix over every sample of ``loader``.
+
+    With several processes, each evaluates its shard and the sums are reduced, so every sample
+    counts exactly once.
+    """
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    err1 = torch.zeros((), dtype=torch.float64, device=device)
+    err5 = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    confusion = None
+    for x, y in loader:
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        k = num_classes or logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
+        loss += F.cross_entropy(logits, y, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        err1 += (top[:, 0] != y).sum()
+        err5 += (~(top == y[:, None]).any(1)).sum()
+        confusion += torch.bincount(y * k + top[:, 0], minlength=k * k).view(k, k)
+        n += len(y)
+    if confusion is None:
+        raise ReslabError("evaluation data is empty")
+    loss_s, err1_s, err5_s, n_s = dist.all_reduce_sum(loss, err1, err5, n)
+    confusion = dist.all_reduce_tensor(confusion)
+    return {"loss": loss_s / n_s, "err": err1_s / n_s, "top5_err": err5_s / n_s, "n": int(n_s),
+            "confusion": confusion.cpu()}  # fmt: skip
+
+
+class Stop:
+    """Turns the first SIGINT (Ctrl-C) into a request to stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Stop:
+        if threading_main():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nreslab: stopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(cfg: TrainConfig, **kwargs):
+    if not cfg.progress or not dist.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="img", unit_scale=True, leave=False, dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.dtype.is_floating_point)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model}-{cfg.data.name}-{stamp}"
+
+
+def _code_version() -> str:
+    import subprocess
+
+    from reslab import __version__
+
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"reslab {__version__}" + (f" (git {commit}{'+dirty' if dirty else ''})" if commit else "")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval_err: float
+    eval_loss: float
+    eval_split: str
+    iterations: int
+    train_err: float
+    seconds: float
+    best_err: float
+    summary: dict[str, Any]
+
+
+def _checkpoint(model, optimizer, scaler, ema, state, cfg, data, meta) -> dict[str, Any]:
+    return {
+        "model": dist.unwrap(model).state_dict(),
+        **meta,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "state": {k: v for k, v in state.__dict__.items()},
+        "rng": _rng_state(next(dist.unwrap(model).parameters()).device),
+        "config": to_dict(cfg),
+    }
+
+
+def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says; resume from a run directory if given."""
+    from reslab.data import build_data
+    from reslab.models import create_model
+
+    ctx = dist.setup(cfg.device)
+    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt_path = run_dir / "last.pt"
+        if not ckpt_path.exists():
+            raise ReslabError(f"{run_dir}: no last.pt to resume from")
+        ckpt = read_file(ckpt_path)
+        cfg = load_config(base=ckpt["config"], overrides={"device": cfg.device, "progress": cfg.progress})
+    else:
+        ckpt = None
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        if (run_dir / "last.pt").exists():
+            raise ReslabError(
+                f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
+            )
+    torch.manual_seed(cfg.seed + ctx.rank)  # per-rank model randomness (dropout, drop-path)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    model_args = dict(cfg.model_args)
+    data = build_data(cfg.data, seed=cfg.seed, device=device, channels=model_args.pop("in_chans", None),
+                      channels_last=cfg.channels_last, rank=ctx.rank, world=ctx.world,
+                      progress=cfg.progress and ctx.is_main)  # fmt: skip
+    num_classes = model_args.pop("num_classes", len(data.classes))
+    if num_classes != len(data.classes):
+        raise ReslabError(f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
+                          f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})")  # fmt: skip
+    if data.skipped and ctx.is_main:
+        print(
+            f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
+            file=sys.stderr,
+        )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args).to(device)
+    if cfg.sync_bn and ctx.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.seed + ctx.rank)
+    global_batch = cfg.data.batch_size * ctx.world
+    lr_scale = global_batch / 256 if cfg.optim.lr_scaling == "linear" else 1.0
+    optimizer = build_optimizer(model, cfg, lr_scale)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    steps_per_epoch = len(data.train)
+    if steps_per_epoch == 0:
+        raise ReslabError(f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
+                          "lower data.batch_size")  # fmt: skip
+    total_iters = cfg.iters or math.ceil((cfg.epochs or 1) * steps_per_epoch)
+    total_epochs = math.ceil(total_iters / steps_per_epoch)
+    state = TrainState()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.module.load_state_dict(ckpt["ema"])
+        state = TrainState(**ckpt["state"])
+        _set_rng_state(ckpt["rng"], device)
+        if ckpt.get("world", 1) != ctx.world and state.step:
+            raise ReslabError(f"{run_dir} stopped mid-epoch with {ckpt.get('world', 1)} process(es); "
+                              f"resume it with the same number, or from an epoch boundary")  # fmt: skip
+    train_model = dist.wrap(model, ctx)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    meta = {"arch": cfg.model, "model_args": model_args, "num_classes": num_classes, "in_chans": data.in_chans,
+            "classes": data.classes, "preprocess": data.preprocess, "total_iters": total_iters, "world": ctx.world}  # fmt: skip
+    log = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        with open(run_dir / "command.txt", "a") as f:
+            f.write(f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
+                    f"  cwd {os.getcwd()}; {_code_version()}; torch {torch.__version__}; device {device}; "
+                    f"world {ctx.world}\n")  # fmt: skip
+        log = RunLog(run_dir)
+        if ckpt is not None:
+            log.truncate_after(state.iteration)
+        _warn_small_batch(model, cfg.data.batch_size)
+        print(f"reslab: training {cfg.model} on {data.name} ({data.train.num_samples * ctx.world} train / "
+              f"{data.eval.num_samples * ctx.world} {data.eval_split} images, {len(data.classes)} classes) for "
+              f"{total_iters} iterations ({total_epochs} epochs) on {device}"
+              + (f" x {ctx.world} processes" if ctx.world > 1 else "") + f"; run directory {run_dir}")  # fmt: skip
+
+    def save(name: str) -> None:
+        if ctx.is_main:
+            if not _all_finite(model):
+                raise NonFiniteLoss(f"the weights are no longer finite at iteration {state.iteration}; "
+                                    f"not saving over {run_dir / name}")  # fmt: skip
+            atomic_save(_checkpoint(model, optimizer, scaler, ema, state, cfg, data, meta), run_dir / name)
+
+    t0 = time.perf_counter()
+    last_row: dict[str, Any] = {}
+    last_eval: dict[str, Any] | None = None
+    try:
+        with Stop() as stop:
+            while state.iteration < total_iters:
+                data.train.set_epoch(state.epoch, state.step)
+                train_one_epoch(train_model, data.train, optimizer, state, cfg, total_iters=total_iters,
+                                device=device, scaler=scaler, ema=ema, log=log, stop=stop)  # fmt: skip
+                stop.requested = dist.any_flag(stop.requested)
+                finished_epoch = state.step >= steps_per_epoch or state.iteration >= total_iters
+                if finished_epoch:
+                    last_row, ev = _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log,
+                                              total_epochs, save)  # fmt: skip
+                    last_eval = ev or last_eval
+                if stop.requested:
+                    save("last.pt")
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {state.epoch + (0 if finished_epoch else 1)}, iteration "
+                        f"{state.iteration}/{total_iters}: saved {run_dir / 'last.pt'}; resume with: "
+                        f"reslab train --resume {run_dir}"
+                    )
+    finally:
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - t0
+    if last_eval is None or last_row.get("iteration") != state.iteration:  # e.g. a finished run resumed
+        last_eval = evaluate(model, data.eval, device, cfg.amp, num_classes)
+        last_row = {**last_row, "eval_err": last_eval["err"], "eval_loss": last_eval["loss"],
+                    "eval_top5_err": last_eval["top5_err"], "train_err": last_row.get("train_err", math.nan)}  # fmt: skip
+    from reslab.inference import eval_report
+
+    report = eval_report(last_eval, data.classes, run_dir if ctx.is_main else None,
+                         f"{cfg.model} on {data.name} {data.eval_split}: {100 * last_eval['err']:.2f}% error")  # fmt: skip
+    summary = {"model": cfg.model, "data": data.name, "eval_split": data.eval_split, "iterations": state.iteration,
+               "epochs": state.epoch, "eval_err": last_row["eval_err"], "eval_loss": last_row["eval_loss"],
+               "eval_top5_err": last_row.get("eval_top5_err"), "train_err": last_row["train_err"],
+               "best_eval_err": state.best_err, "best_iteration": state.best_iteration,
+               "train_seconds": state.sums.get("total_time", seconds), "device": str(device), "world": ctx.world,
+               "per_class_acc": report["per_class_acc"], "confusion_png": report.get("confusion_png")}  # fmt: skip
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
+        plot_curves(run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
+    return RunResult(run_dir, last_row["eval_err"], last_row["eval_loss"], data.eval_split, state.iteration,
+                     last_row["train_err"], seconds, state.best_err, summary)  # fmt: skip
+
+
+def _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log, total_epochs, save
+               ) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """Close an epoch: its summary row, an evaluation when due, best.pt and last.pt."""
+    sums = state.sums
+    row = {"kind": "epoch", "epoch": state.epoch + 1, "iteration": state.iteration,
+           "train_loss": sums["loss"] / max(1, sums["n"]), "train_err": sums["err"] / max(1, sums["n"]),
+           "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": sums["time"],
+           "img_s": sums["n"] / max(sums["time"], 1e-9), "eval_loss": None, "eval_err": None,
+           "eval_top5_err": None, "ema_eval_err": None}  # fmt: skip
+    state.epoch += 1
+    state.step = 0
+    total_time = sums.get("total_time", 0.0) + sums["time"]
+    state.sums = {"loss": 0.0, "err": 0.0, "n": 0.0, "time": 0.0, "total_time": total_time}
+    ev = None
+    if state.epoch % cfg.eval_every == 0 or state.iteration >= total_iters:
+        ev = evaluate(model, data.eval, device, cfg.amp, len(data.classes))
+        row.update(eval_loss=ev["loss"], eval_err=ev["err"], eval_top5_err=ev["top5_err"])
+        if ema is not None:
+            row["ema_eval_err"] = evaluate(ema.module, data.eval, device, cfg.amp)["err"]
+        if ev["err"] < state.best_err:
+            state.best_err, state.best_iteration = ev["err"], state.iteration
+            save("best.pt")
+    if log is not None:
+        log.log(row)
+        print(epoch_line(row, total_epochs, data.eval_split), flush=True)
+    save("last.pt")
+    return row, ev
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    model: str | None = None,
+    device: str = "auto",
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test split of its own data (or of ``data``/``data_dir``)."""
+    from reslab.config import DataConfig
+    from reslab.data import build_data
+    from reslab.inference import eval_report, load_checkpoint
+
+    dev = resolve_device(device)
+    net, meta = load_checkpoint(path, model, dev)
+    trained_on = dict((meta.get("config") or {}).get("data") or {})
+    if data is None and not trained_on:
+        raise ReslabError(f"{path}: no record of its training data; pass --data (and --data-dir)")
+    fields = {k: v for k, v in trained_on.items() if k in DataConfig.__dataclass_fields__}
+    if data is not None and data != fields.get("name"):
+        fields = {"name": data}
+    if data_dir is not None:
+        fields["dir"] = data_dir
+    fields.update(val_split=0.0, limit_train=None, limit_test=None)
+    cfg = DataConfig(**fields)
+    d = build_data(cfg, device=dev, channels=meta["preprocess"]["channels"], preprocess=meta["preprocess"],
+                   progress=False)  # fmt: skip
+    if d.classes != meta["classes"] and len(d.classes) != len(meta["classes"]):
+        raise ReslabError(
+            f"{path} predicts {len(meta['classes'])} classes but {cfg.name} has {len(d.classes)}"
+        )
+    result = evaluate(net, d.eval, dev, num_classes=len(meta["classes"]))
+    report = eval_report(result, meta["classes"], out_dir,
+                         f"{meta['arch']} on {cfg.name} {d.eval_split}: {100 * result['err']:.2f}% error")  # fmt: skip
+    return {"checkpoint": str(path), "arch": meta["arch"], "data": cfg.name, "split": d.eval_split, **report}
+
+
+def _warn_small_batch(model: nn.Module, batch: int) -> None:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and batch < SMALL_BATCH:
+        warnings.warn(
+            f"per-device batch {batch} < {SMALL_BATCH}: BatchNorm's batch statistics get noisy and its running "
+            "averages drift from what the model sees in training, which hurts accuracy. Options: a larger batch "
+            "(gradient accumulation does not help BN), --sync-bn across processes, frozen BN statistics when "
+            "fine-tuning, or GroupNorm (model_args.norm_layer).",
+            stacklevel=2,
+        )
