@@ -99,7 +99,9 @@ def reslab_img_s(name: str, root: Path, iters: int, compile: bool) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
+    p.add_argument(
+        "--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+    )
     p.add_argument("--models", default="resnet20,resnet56")
     p.add_argument("--iters", type=int, default=40, help="timed iterations per measurement")
     p.add_argument("--compile", action="store_true", help="also measure reslab with torch.compile")
@@ -120,12 +122,18 @@ def main() -> None:
                          "ratio": best / ref, "gflops_per_s": best * flops / 1e9,
                          "peak_fraction": best * flops / 1e9 / peak, "train_gflop_per_img": flops / 1e9}  # fmt: skip
         r = results[name]
-        print(f"{name:10s} reference {ref:7.1f} img/s | reslab {best:7.1f} img/s ({best_path}) | ratio {r['ratio']:.2f}x "
-              f"| {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak")
+        print(
+            f"{name:10s} reference {ref:7.1f} img/s | reslab {best:7.1f} img/s ({best_path}) | ratio {r['ratio']:.2f}x "
+            f"| {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of peak"
+        )
     head = results[args.models.split(",")[0]]
     line = {k: head[k] for k in ("reslab_img_s", "reference_img_s", "ratio", "peak_fraction")}
     line.update(model=args.models.split(",")[0], peak_gflops=peak, models=results)
-    print(json.dumps(line, default=lambda v: round(v, 4) if isinstance(v, float) and math.isfinite(v) else str(v)))
+    print(
+        json.dumps(
+            line, default=lambda v: round(v, 4) if isinstance(v, float) and math.isfinite(v) else str(v)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -225,33 +225,42 @@ def _print_run_result(result) -> None:
     )
 
 
-@command("eval", "evaluate a checkpoint: top-1/top-5 error, per-class accuracy, confusion matrix")
+@command(
+    "eval", "evaluate checkpoints (several: an ensemble): top-1/top-5 error, per-class accuracy, confusion"
+)
 def _eval(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument(
+        "--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or several to ensemble"
+    )
     p.add_argument("--model", help="architecture of a bare state dict")
     p.add_argument("--data", help="default: the data the checkpoint was trained on")
     p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--tta", choices=("flip", "10crop"), help="test-time augmentation")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.engine.loop import evaluate_checkpoint
+        from reslab.inference import evaluate_checkpoints
 
+        first = Path(args.checkpoint[0])
         out = (
             Path(args.out)
             if args.out
-            else Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
+            else first.parent / f"eval-{first.stem}{'-ensemble' if len(args.checkpoint) > 1 else ''}"
         )
-        report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, model=args.model,
-                                     device=args.device, out_dir=out)  # fmt: skip
+        report = evaluate_checkpoints(args.checkpoint, data=args.data, data_dir=args.data_dir, model=args.model,
+                                      device=args.device, out_dir=out, tta=args.tta)  # fmt: skip
         if args.json:
             print(json.dumps(report, indent=1))
             return 0
-        print(
-            f"{report['data']} {report['split']} ({report['n']} images): top-1 error {100 * report['top1_err']:.2f}%, "
-            f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}"
-        )
+        if len(report["members"]) > 1:
+            for m in report["members"]:
+                print(f"member {m['checkpoint']} ({m['arch']}): top-1 error {100 * m['err']:.2f}%")
+        label = "ensemble" if len(report["members"]) > 1 else report["arch"]
+        print(f"{label} on {report['data']} {report['split']} ({report['n']} images"
+              f"{', ' + args.tta + ' TTA' if args.tta else ''}): top-1 error {100 * report['top1_err']:.2f}%, "
+              f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}")  # fmt: skip
         rows = [{"cls": c, "acc": f"{100 * a:.1f}%"} for c, a in report["per_class_acc"].items()]
         print(format_table(rows, [("cls", "class"), ("acc", "accuracy")]))
         print(f"confusion matrix: {report['confusion_png']}")
@@ -260,23 +269,30 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-@command("predict", "classify images with a checkpoint")
+@command("predict", "classify images with a checkpoint (several: their ensemble)")
 def _predict(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument(
+        "--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or several to ensemble"
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", help="architecture of a bare state dict")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--tta", choices=("flip", "10crop"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         from reslab.engine.loop import resolve_device
-        from reslab.inference import list_images, load_checkpoint, predict
+        from reslab.inference import list_images, load_members, predict
+        from reslab.weights import is_checkpoint_path
 
-        model, meta = load_checkpoint(args.checkpoint, args.model, resolve_device(args.device))
-        results, skipped = predict(model, meta, list_images(args.inputs), args.topk)
-        for s in skipped:
-            print(f"reslab: skipped {s}", file=sys.stderr)
+        # `--checkpoint A.pt B.pt photo.jpg dir/`: the option takes the checkpoint files, the rest are inputs.
+        checkpoints = [c for c in args.checkpoint if is_checkpoint_path(c)]
+        inputs = [c for c in args.checkpoint if not is_checkpoint_path(c)] + args.inputs
+        if not checkpoints or not inputs:
+            raise ReslabError("usage: reslab predict --checkpoint CKPT [CKPT ...] IMAGE_OR_DIR [...]")
+        nets, metas, raw = load_members(checkpoints, args.model, resolve_device(args.device), args.tta)
+        results = predict(nets, metas[0]["classes"], raw, list_images(inputs), args.topk)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
@@ -284,6 +300,54 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
                 top = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
                 print(f"{r['file']}: {top}")
         return 0 if results else 1
+
+    return run
+
+
+@command("embed", "write L2-normalised embeddings of a folder of images (an index for reslab search)")
+def _embed(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument("--device", default="auto")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.embed import build_index
+        from reslab.engine.loop import resolve_device
+
+        info = build_index(
+            args.checkpoint, args.inputs, args.out, model=args.model, device=resolve_device(args.device)
+        )
+        print(
+            f"{info['count']} embeddings of dimension {info['dim']}: {info['embeddings']} (files: {info['files']})"
+        )
+        return 0
+
+    return run
+
+
+@command("search", "find the indexed images most similar to a query image")
+def _search(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--index", required=True, metavar="FILE.npy")
+    p.add_argument("queries", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.embed import search
+        from reslab.engine.loop import resolve_device
+
+        results = search(args.index, args.queries, args.topk, resolve_device(args.device))
+        if args.json:
+            print(json.dumps(results, indent=1))
+            return 0
+        for r in results:
+            print(r["query"])
+            for m in r["matches"]:
+                print(f"  {m['similarity']:.4f}  {m['file']}")
+        return 0
 
     return run
 

@@ -24,7 +24,9 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 @dataclass
 class DataConfig:
-    name: str = "default"  # default (embedded MNIST sample) | mnist | cifar10 | cifar100 | folder
+    # default (the embedded MNIST sample) | mnist | cifar10 | cifar100 | folder (images) |
+    # clips (a folder of video clips) | synthetic_clips (moving squares: a test of temporal models)
+    name: str = "default"
     dir: str | None = None
     download: bool = False  # fetch CIFAR/MNIST with torchvision when missing (needs internet)
     val_split: float = 0.0  # hold out this fraction of train for validation (paper's 45k/5k: 0.1)
@@ -40,6 +42,7 @@ class DataConfig:
     limit_train: int | None = None  # a random stratified subset of train (quick runs, tests)
     limit_test: int | None = None
     classes: list[str] | None = None  # keep only these classes (e.g. transfer experiments)
+    frames: int = 16  # frames sampled per video clip
 
 
 @dataclass
@@ -238,7 +241,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 CHOICES = {
-    "data.name": ("default", "mnist", "cifar10", "cifar100", "folder"),
+    "data.name": ("default", "mnist", "cifar10", "cifar100", "folder", "clips", "synthetic_clips"),
     "data.augment": ("auto", "none", "crop", "crop_flip", "imagenet"),
     "data.in_memory": ("auto", "yes", "no"),
     "optim.name": ("sgd", "adamw"),

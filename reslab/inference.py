@@ -42,6 +42,101 @@ def load_checkpoint(path: str | os.PathLike, model: str | None = None, device: s
     return net.to(device).eval(), meta
 
 
+class Normalized(nn.Module):
+    """A model that takes images in [0, 1] and normalises them with its own mean and std."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        shape = (1, len(mean)) + (1,) * ((getattr(model, "spec", None) and model.spec.ndim) or 2)
+        self.register_buffer("mean", torch.tensor(mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+class TTA(nn.Module):
+    """Test-time augmentation: the mean softmax over views of each input, as log-probabilities.
+
+    ``flip``: the image and its mirror. ``10crop``: the paper's ten crops (four corners and the
+    centre, and their mirrors) of ``crop`` pixels; inputs larger than ``crop`` are cropped, inputs
+    of the crop size are first zero-padded by ``pad`` (small images, as in training).
+    """
+
+    def __init__(self, model: nn.Module, mode: str, crop: int | None = None, pad: int = 0) -> None:
+        super().__init__()
+        if mode not in ("flip", "10crop"):
+            raise ReslabError(f"--tta {mode!r}: choose flip or 10crop")
+        self.model, self.mode, self.crop, self.pad = model, mode, crop, pad
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.mode == "flip":
+            return [x, x.flip(-1)]
+        c = self.crop or x.shape[-1]
+        if x.shape[-1] <= c and self.pad:
+            x = torch.nn.functional.pad(x, (self.pad,) * 4)
+        h, w = x.shape[-2:]
+        if h < c or w < c:
+            raise ReslabError(f"10-crop: input {h}x{w} is smaller than the {c}-pixel crop")
+        tops = [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c), ((h - c) // 2, (w - c) // 2)]
+        crops = [x[..., t : t + c, s : s + c] for t, s in tops]
+        return crops + [v.flip(-1) for v in crops]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([self.model(v).float().softmax(1) for v in self.views(x)]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+class Ensemble(nn.Module):
+    """Model blending: the mean of the members' softmax outputs, as log-probabilities."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_log_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [m(x).float().log_softmax(1) for m in self.members]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine(self.member_log_probs(x))
+
+
+def combine(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    """log(mean(softmax)) of several members' log-probabilities."""
+    return torch.logsumexp(torch.stack(log_probs), 0) - torch.log(torch.tensor(float(len(log_probs))))
+
+
+def load_members(paths: list[str], model: str | None, device: torch.device, tta: str | None = None, pad: int = 4
+                 ) -> tuple[list[nn.Module], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Checkpoints as models that take [0, 1] inputs, their metadata, and the shared raw preprocessing.
+
+    Members may differ in architecture and normalisation, not in classes or input geometry.
+    """
+    loaded = [load_checkpoint(p, model, device) for p in paths]
+    first = loaded[0][1]
+    for _, meta in loaded[1:]:
+        if meta["classes"] != first["classes"]:
+            raise ReslabError(
+                f"{meta['path']}: its classes differ from {first['path']}'s; an ensemble needs the same classes"
+            )
+        keys = ("kind", "size", "channels", "resize")
+        if any(meta["preprocess"].get(k) != first["preprocess"].get(k) for k in keys):
+            raise ReslabError(f"{meta['path']}: its input size differs from {first['path']}'s")
+    pre = first["preprocess"]
+    raw = {**pre, "mean": [0.0] * pre["channels"], "std": [1.0] * pre["channels"]}
+    crop = pre["size"][-1]
+    if tta == "10crop" and pre["kind"] == "imagenet":  # crop the ten views from the resized square
+        raw["size"] = [pre["resize"], pre["resize"]]
+    nets = [
+        Normalized(net, meta["preprocess"]["mean"], meta["preprocess"]["std"]).to(device).eval()
+        for net, meta in loaded
+    ]
+    if tta:
+        nets = [TTA(n, tta, crop, pad if pre["kind"] != "imagenet" else 0) for n in nets]
+    return nets, [meta for _, meta in loaded], raw
+
+
 def _first_conv_in_chans(sd: dict[str, torch.Tensor]) -> int:
     for k, v in sd.items():
         if k.endswith("weight") and v.ndim >= 4:
@@ -94,35 +189,88 @@ def list_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-@torch.no_grad()
-def predict(model: nn.Module, meta: dict[str, Any], files: list[Path], topk: int = 5, batch_size: int = 64,
-            ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
-    """Top-k classes and probabilities for each image; unreadable files are reported, not fatal."""
-    from PIL import Image
+def image_loader(files: list[Path], preprocess: dict[str, Any], batch_size: int = 64, workers: int | None = None,
+                 device: str | torch.device = "cpu"):  # fmt: skip
+    """Batches of (images, file indices) for a list of files, decoded by DataLoader workers.
 
-    pre = meta["preprocess"]
-    transform = image_transform(pre)
-    mode = "L" if pre["channels"] == 1 else "RGB"
-    device = next(model.parameters()).device
-    results, skipped = [], []
-    k = min(topk, len(meta["classes"]))
-    for start in range(0, len(files), batch_size):
-        batch, names = [], []
-        for f in files[start : start + batch_size]:
-            try:
-                with Image.open(f) as im:
-                    batch.append(transform(im.convert(mode)))
-                names.append(f)
-            except Exception as e:
-                skipped.append(f"{f}: {type(e).__name__}: {e}")
-        if not batch:
-            continue
-        probs = model(torch.stack(batch).to(device)).float().softmax(1)
-        p, idx = probs.topk(k, dim=1)
-        for f, pi, ii in zip(names, p.tolist(), idx.tolist(), strict=True):
-            results.append({"file": str(f), "top": [{"class": meta["classes"][c], "index": c, "prob": q}
-                                                    for c, q in zip(ii, pi, strict=True)]})  # fmt: skip
-    return results, skipped
+    Unreadable files are skipped and named on stderr; their indices are simply absent.
+    """
+    import os
+
+    from reslab.data.folder import FolderLoader
+
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    return FolderLoader([(str(f), i) for i, f in enumerate(files)], image_transform(preprocess), batch_size=batch_size,
+                        train=False, channels=preprocess["channels"], workers=workers if len(files) > batch_size else 0,
+                        device=device)  # fmt: skip
+
+
+@torch.no_grad()
+def predict(nets: list[nn.Module], classes: list[str], raw: dict[str, Any], files: list[Path], topk: int = 5,
+            batch_size: int = 64) -> list[dict[str, Any]]:  # fmt: skip
+    """Top-k classes and probabilities for each image (the mean softmax over several models)."""
+    device = next(nets[0].parameters()).device
+    ensemble = Ensemble(nets).eval()
+    results = []
+    k = min(topk, len(classes))
+    for x, idx in image_loader(files, raw, batch_size, device=device):
+        p, top = ensemble(x).exp().topk(k, dim=1)
+        for i, pi, ti in zip(idx.tolist(), p.tolist(), top.tolist(), strict=True):
+            results.append({"file": str(files[i]), "top": [{"class": classes[c], "index": c, "prob": q}
+                                                          for c, q in zip(ti, pi, strict=True)]})  # fmt: skip
+    return results
+
+
+@torch.no_grad()
+def evaluate_checkpoints(
+    paths: list[str],
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    model: str | None = None,
+    device: str = "auto",
+    out_dir: Path | None = None,
+    tta: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint, or an ensemble of several, on the test split of the data they were
+    trained on (or of ``data``/``data_dir``). Each member is scored too, in the same pass."""
+    from reslab.config import DataConfig
+    from reslab.data import build_data
+    from reslab.engine.loop import EvalStats, resolve_device
+
+    dev = resolve_device(device)
+    pad = 4
+    nets, metas, raw = load_members(paths, model, dev, tta, pad)
+    trained_on = dict((metas[0].get("config") or {}).get("data") or {})
+    if data is None and not trained_on:
+        raise ReslabError(f"{paths[0]}: no record of its training data; pass --data (and --data-dir)")
+    fields = {k: v for k, v in trained_on.items() if k in DataConfig.__dataclass_fields__}
+    if data is not None and data != fields.get("name"):
+        fields = {"name": data}
+    if data_dir is not None:
+        fields["dir"] = data_dir
+    fields.update(val_split=0.0, limit_train=None, limit_test=None)
+    cfg = DataConfig(**fields)
+    classes = metas[0]["classes"]
+    d = build_data(cfg, device=dev, channels=raw["channels"], preprocess=raw, progress=False)
+    if len(d.classes) != len(classes):
+        raise ReslabError(f"{paths[0]} predicts {len(classes)} classes but {cfg.name} has {len(d.classes)}")
+    ensemble = Ensemble(nets).eval()
+    member_stats = [EvalStats(dev) for _ in nets]
+    stats = EvalStats(dev)
+    for x, y in d.eval:
+        outs = ensemble.member_log_probs(x)
+        for s, out in zip(member_stats, outs, strict=True):
+            s.add(out, y)
+        stats.add(combine(outs), y)
+    result = stats.result()
+    names = " + ".join(m["arch"] for m in metas)
+    title = f"{names} on {cfg.name} {d.eval_split}{f' ({tta} TTA)' if tta else ''}: {100 * result['err']:.2f}% error"
+    report = eval_report(result, classes, out_dir, title)
+    members = [{"checkpoint": m["path"], "arch": m["arch"], **{k: v for k, v in s.result().items() if k != "confusion"}}
+               for m, s in zip(metas, member_stats, strict=True)]  # fmt: skip
+    return {"checkpoints": list(map(str, paths)), "arch": names, "data": cfg.name, "split": d.eval_split,
+            "tta": tta, **report, "members": members}  # fmt: skip
 
 
 def eval_report(

@@ -27,6 +27,11 @@ _HEAD_ALIASES = ("linear.", "classifier.", "head.fc.", "head.")
 _SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".tar", ".safetensors")
 
 
+def is_checkpoint_path(path: str | os.PathLike) -> bool:
+    """Whether a path names a weights file (by its suffix), as opposed to an image or a folder."""
+    return Path(path).suffix.lower() in _SUFFIXES
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_weights` did: keys it loaded, skipped and could not fill."""
@@ -150,6 +155,8 @@ def load_weights(
     head = {"fc.weight", "fc.bias"}
     if not head & set(own):  # a headless model (num_classes=0, features_only) takes no classifier
         sd = {k: v for k, v in sd.items() if k not in head}
+    # Frozen BatchNorm keeps no step counter: the checkpoint's counters have nowhere to go and mean nothing.
+    sd = {k: v for k, v in sd.items() if k in own or not k.endswith("num_batches_tracked")}
     report = _compare(sd, own)
     head_only = bool(report.mismatched) and {m.split(":")[0] for m in report.mismatched} <= head
     head_only = head_only and not report.missing and not report.unexpected

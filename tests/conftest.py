@@ -10,6 +10,9 @@ import torch
 
 from reslab.models import get_model_entry
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
+    torch.set_num_threads(1)
+
 SHARED_DATA = Path(
     os.environ.get("RESLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )

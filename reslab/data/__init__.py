@@ -21,6 +21,7 @@ from reslab.data.sources import (
     load_mnist,
     peek_images,
 )
+from reslab.data.video import load_clip_folder, synthetic_clips
 from reslab.errors import ReslabError
 
 SMALL_IMAGE_MAX = 64  # folders of images up to this size are decoded into memory
@@ -77,11 +78,20 @@ def load_arrays(cfg: DataConfig, progress: bool = True) -> tuple[ImageArrays, Im
     """Train and test arrays for small-image datasets, or None when the data must stream from files."""
     if cfg.name == "default":
         return load_embedded()
+    if cfg.name == "synthetic_clips":  # 512 train and 256 test clips; limit_train/limit_test subset them
+        size = cfg.image_size or 32
+        return synthetic_clips(512, cfg.frames, size, seed=1), synthetic_clips(256, cfg.frames, size, seed=2)
     root = Path(cfg.dir) if cfg.dir else _default_dir(cfg.name)
     if cfg.name == "mnist":
         return load_mnist(root, cfg.download)
     if cfg.name in ("cifar10", "cifar100"):
         return load_cifar(root, 10 if cfg.name == "cifar10" else 100, cfg.download)
+    if cfg.name == "clips":
+        size = cfg.image_size or 112
+        held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        train_dir = root / "train" if (root / "train").is_dir() else root
+        test = load_clip_folder(held, cfg.frames, size) if held else None
+        return load_clip_folder(train_dir, cfg.frames, size), test
     train, test = find_splits(root)
     (h, w), channels = peek_images(train)
     small = max(h, w) <= SMALL_IMAGE_MAX
@@ -139,8 +149,10 @@ def build_data(
         pixels = train.images.transpose(0, 1).reshape(in_chans, -1).double() / 255
         mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
     augment = cfg.augment
-    if augment == "auto":  # digits must not be mirrored; natural images may
-        augment = "crop" if cfg.name in ("default", "mnist") or in_chans == 1 else "crop_flip"
+    if augment == "auto":  # digits must not be mirrored, nor clips whose class is a direction
+        augment = (
+            "crop" if cfg.name in ("default", "mnist", "synthetic_clips") or in_chans == 1 else "crop_flip"
+        )
     common = dict(
         mean=mean, std=std, seed=seed, device=device, channels_last=channels_last, rank=rank, world=world
     )
@@ -153,8 +165,8 @@ def build_data(
         eval_split=split,
         classes=train.classes,
         in_chans=in_chans,
-        preprocess={"kind": "resize", "size": list(train.images.shape[2:]), "mean": list(mean), "std": list(std),
-                    "channels": in_chans},
+        preprocess={"kind": "resize" if train.images.ndim == 4 else "clip", "size": list(train.images.shape[2:]),
+                    "mean": list(mean), "std": list(std), "channels": in_chans},
         skipped=skipped,
     )  # fmt: skip
 
@@ -162,7 +174,7 @@ def build_data(
 def _convert_channels(a: ImageArrays, channels: int) -> ImageArrays:
     x = a.images
     x = (
-        x.expand(-1, channels, -1, -1).contiguous()
+        x.expand(-1, channels, *x.shape[2:]).contiguous()
         if x.shape[1] == 1
         else x.float().mean(1, keepdim=True).round().to(torch.uint8)
     )

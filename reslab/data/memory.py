@@ -26,6 +26,9 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     The paper's CIFAR augmentation (Sec. 4.2): "4 pixels are padded on each side, and a 32x32
     crop is randomly sampled from the padded image or its horizontal flip".
     """
+    if x.ndim == 5:  # clips: the same crop and flip for every frame of a clip
+        n, c, t = x.shape[:3]
+        return random_crop_flip(x.reshape(n, c * t, *x.shape[3:]), pad, flip, generator).reshape(x.shape)
     n, _, h, w = x.shape
     dev = x.device
     if pad > 0:
@@ -75,9 +78,9 @@ class TensorLoader:
         self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment, pad
         self.seed, self.rank, self.world = seed, rank, world
         self.channels_last = channels_last
-        c = images.shape[1]
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, c, 1, 1).to(self.device)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(1, c, 1, 1).to(self.device)
+        shape = (1, images.shape[1]) + (1,) * (images.ndim - 2)
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(self.device)
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -116,5 +119,5 @@ class TensorLoader:
                 )
             x = (x.float() - self.shift) * self.scale
             if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
             yield x, self.labels[idx]

@@ -38,8 +38,8 @@ class ImageArrays:
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError("images must be (N, C, H, W) uint8")
+        if self.images.dtype != torch.uint8 or self.images.ndim not in (4, 5):
+            raise ValueError("images must be (N, C, H, W) or, for clips, (N, C, T, H, W) uint8")
         if len(self.images) != len(self.labels):
             raise ValueError("images and labels differ in length")
 

@@ -202,40 +202,47 @@ def _flush_window(window: dict, state: TrainState, optimizer, log: RunLog | None
     return row
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, device: torch.device, amp: str = "none", num_classes: int | None = None
-) -> dict[str, Any]:
-    """Loss, top-1/top-5 error and the confusion matrix over every sample of ``loader``.
+class EvalStats:
+    """Running loss, top-1/top-5 errors and confusion matrix of one model's outputs."""
 
-    With several processes, each evaluates its shard and the sums are reduced, so every sample
-    counts exactly once.
-    """
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.err1 = torch.zeros((), dtype=torch.float64, device=device)
+        self.err5 = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0
+        self.confusion: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        logits = logits.float()
+        k = logits.shape[1]
+        if self.confusion is None:
+            self.confusion = torch.zeros(k, k, dtype=torch.int64, device=self.device)
+        self.loss += F.cross_entropy(logits, y, reduction="sum").double()
+        top = logits.topk(min(5, k), dim=1).indices
+        self.err1 += (top[:, 0] != y).sum()
+        self.err5 += (~(top == y[:, None]).any(1)).sum()
+        self.confusion += torch.bincount(y * k + top[:, 0], minlength=k * k).view(k, k)
+        self.n += len(y)
+
+    def result(self) -> dict[str, Any]:
+        """Totals over all processes: with several ranks each sample counts exactly once."""
+        if self.confusion is None:
+            raise ReslabError("evaluation data is empty")
+        loss, err1, err5, n = dist.all_reduce_sum(self.loss, self.err1, self.err5, self.n)
+        return {"loss": loss / n, "err": err1 / n, "top5_err": err5 / n, "n": int(n),
+                "confusion": dist.all_reduce_tensor(self.confusion).cpu()}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") -> dict[str, Any]:
+    """Loss, top-1/top-5 error and the confusion matrix over every sample of ``loader``."""
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    err1 = torch.zeros((), dtype=torch.float64, device=device)
-    err5 = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    confusion = None
+    stats = EvalStats(device)
     for x, y in loader:
         with _autocast(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        k = num_classes or logits.shape[1]
-        if confusion is None:
-            confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
-        loss += F.cross_entropy(logits, y, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        err1 += (top[:, 0] != y).sum()
-        err5 += (~(top == y[:, None]).any(1)).sum()
-        confusion += torch.bincount(y * k + top[:, 0], minlength=k * k).view(k, k)
-        n += len(y)
-    if confusion is None:
-        raise ReslabError("evaluation data is empty")
-    loss_s, err1_s, err5_s, n_s = dist.all_reduce_sum(loss, err1, err5, n)
-    confusion = dist.all_reduce_tensor(confusion)
-    return {"loss": loss_s / n_s, "err": err1_s / n_s, "top5_err": err5_s / n_s, "n": int(n_s),
-            "confusion": confusion.cpu()}  # fmt: skip
+            stats.add(model(x), y)
+    return stats.result()
 
 
 class Stop:
@@ -467,7 +474,7 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
             log.close()
     seconds = time.perf_counter() - t0
     if last_eval is None or last_row.get("iteration") != state.iteration:  # e.g. a finished run resumed
-        last_eval = evaluate(model, data.eval, device, cfg.amp, num_classes)
+        last_eval = evaluate(model, data.eval, device, cfg.amp)
         last_row = {**last_row, "eval_err": last_eval["err"], "eval_loss": last_eval["loss"],
                     "eval_top5_err": last_eval["top5_err"], "train_err": last_row.get("train_err", math.nan)}  # fmt: skip
     from reslab.inference import eval_report
@@ -502,7 +509,7 @@ def _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log
     state.sums = {"loss": 0.0, "err": 0.0, "n": 0.0, "time": 0.0, "total_time": total_time}
     ev = None
     if state.epoch % cfg.eval_every == 0 or state.iteration >= total_iters:
-        ev = evaluate(model, data.eval, device, cfg.amp, len(data.classes))
+        ev = evaluate(model, data.eval, device, cfg.amp)
         row.update(eval_loss=ev["loss"], eval_err=ev["err"], eval_top5_err=ev["top5_err"])
         if ema is not None:
             row["ema_eval_err"] = evaluate(ema.module, data.eval, device, cfg.amp)["err"]
@@ -514,44 +521,6 @@ def _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log
         print(epoch_line(row, total_epochs, data.eval_split), flush=True)
     save("last.pt")
     return row, ev
-
-
-def evaluate_checkpoint(
-    path: str | os.PathLike,
-    *,
-    data: str | None = None,
-    data_dir: str | None = None,
-    model: str | None = None,
-    device: str = "auto",
-    out_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test split of its own data (or of ``data``/``data_dir``)."""
-    from reslab.config import DataConfig
-    from reslab.data import build_data
-    from reslab.inference import eval_report, load_checkpoint
-
-    dev = resolve_device(device)
-    net, meta = load_checkpoint(path, model, dev)
-    trained_on = dict((meta.get("config") or {}).get("data") or {})
-    if data is None and not trained_on:
-        raise ReslabError(f"{path}: no record of its training data; pass --data (and --data-dir)")
-    fields = {k: v for k, v in trained_on.items() if k in DataConfig.__dataclass_fields__}
-    if data is not None and data != fields.get("name"):
-        fields = {"name": data}
-    if data_dir is not None:
-        fields["dir"] = data_dir
-    fields.update(val_split=0.0, limit_train=None, limit_test=None)
-    cfg = DataConfig(**fields)
-    d = build_data(cfg, device=dev, channels=meta["preprocess"]["channels"], preprocess=meta["preprocess"],
-                   progress=False)  # fmt: skip
-    if d.classes != meta["classes"] and len(d.classes) != len(meta["classes"]):
-        raise ReslabError(
-            f"{path} predicts {len(meta['classes'])} classes but {cfg.name} has {len(d.classes)}"
-        )
-    result = evaluate(net, d.eval, dev, num_classes=len(meta["classes"]))
-    report = eval_report(result, meta["classes"], out_dir,
-                         f"{meta['arch']} on {cfg.name} {d.eval_split}: {100 * result['err']:.2f}% error")  # fmt: skip
-    return {"checkpoint": str(path), "arch": meta["arch"], "data": cfg.name, "split": d.eval_split, **report}
 
 
 def _warn_small_batch(model: nn.Module, batch: int) -> None:

@@ -34,8 +34,9 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ModelEntry]]] =
 
 # Build options that shape the model without changing its architecture.
 BUILD_OPTIONS = tuple(p for p in inspect.signature(ResNet.__init__).parameters if p not in ("self", "spec"))
-# Spec fields a user may choose on a residual network (the paper compares options A/B/C).
-SELECTABLE = {"shortcut"}
+# Spec fields a user may choose: the paper's shortcut options on residual networks, and the
+# dropout between a block's convs (Wide ResNets use 0.3 on CIFAR).
+SELECTABLE = {"shortcut", "dropout"}
 
 
 def register_model(name: str, spec: ResNetSpec, *, family: str, paper: str) -> ModelEntry:
@@ -96,7 +97,7 @@ def create_model(
             value = tuple(value) if isinstance(current, tuple) else value
             if value == current:
                 continue
-            if key in SELECTABLE and spec.residual:
+            if key in SELECTABLE and (spec.residual or key != "shortcut"):
                 changes[key] = value
             elif key == "shortcut":
                 raise ReslabError(
