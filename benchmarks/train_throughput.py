@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reslab import create_model
 from reslab.config import load_config
 from reslab.data import build_data
-from reslab.engine.loop import TrainState, build_optimizer, train_one_epoch
+from reslab.engine.loop import Budget, TrainState, build_optimizer, train_one_epoch
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -89,11 +89,14 @@ def reslab_img_s(name: str, root: Path, iters: int, compile: bool) -> float:
     opt = build_optimizer(model, cfg)
     state = TrainState()
     device = torch.device("cpu")
+    batch = cfg.data.batch_size
     data.train.set_epoch(0)
-    train_one_epoch(train_model, data.train, opt, state, cfg, total_iters=warm, device=device)
-    data.train.set_epoch(0, state.step)
+    train_one_epoch(train_model, data.train, opt, state, cfg, budget=Budget(warm, batch), device=device)
+    data.train.set_epoch(0, state.epoch_samples)
     t0 = time.perf_counter()
-    train_one_epoch(train_model, data.train, opt, state, cfg, total_iters=warm + iters, device=device)
+    train_one_epoch(
+        train_model, data.train, opt, state, cfg, budget=Budget(warm + iters, batch), device=device
+    )
     return iters * cfg.data.batch_size / (time.perf_counter() - t0)
 
 

@@ -278,6 +278,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--model", help="architecture of a bare state dict")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--tta", choices=("flip", "10crop"))
+    p.add_argument(
+        "--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
@@ -292,7 +295,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         if not checkpoints or not inputs:
             raise ReslabError("usage: reslab predict --checkpoint CKPT [CKPT ...] IMAGE_OR_DIR [...]")
         nets, metas, raw = load_members(checkpoints, args.model, resolve_device(args.device), args.tta)
-        results = predict(nets, metas[0]["classes"], raw, list_images(inputs), args.topk)
+        results = predict(
+            nets, metas[0]["classes"], raw, list_images(inputs, args.strict), args.topk, strict=args.strict
+        )
         if args.json:
             print(json.dumps(results, indent=1))
         else:
@@ -352,6 +357,293 @@ def _search(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+@command("export", "export a checkpoint to ONNX / TorchScript / torch.export and verify it on real images")
+def _export(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"))
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions first")
+    p.add_argument("--out", metavar="FILE")
+    p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument(
+        "--images", metavar="DIR", help="real images to verify on (default: the checkpoint's test data)"
+    )
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy import real_inputs
+        from reslab.deploy.export import FORMATS, export_model
+        from reslab.inference import load_checkpoint
+
+        batch = args.batch if args.batch == "dynamic" else _positive_int(args.batch, "--batch")
+        net, meta = load_checkpoint(args.checkpoint, args.model)
+        out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format]))
+        report = export_model(net, meta, args.format, out, batch=batch, fold_bn=args.fold_bn,
+                              verify_inputs=real_inputs(meta, args.images, 16))  # fmt: skip
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print(
+                f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {batch}"
+                f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
+            )
+            print(f"verified on {report['verified_on']} real images: max abs diff {report['max_abs_diff']:.2e}, "
+                  f"top-1 agreement {100 * report['top1_agreement']:.1f}%")  # fmt: skip
+        return 0
+
+    return run
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ReslabError(f"{flag} {text!r}: expected a positive number")
+    return value
+
+
+@command(
+    "quantize", "int8 post-training quantization (ONNX Runtime) with its accuracy and speed cost measured"
+)
+def _quantize(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument(
+        "--calib", metavar="DIR", help="calibration images (default: the checkpoint's training images)"
+    )
+    p.add_argument("--calib-n", type=int, default=256, help="number of calibration images")
+    p.add_argument("--out", metavar="FILE.int8.onnx")
+    p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy.quantize import quantize_report
+
+        r = quantize_report(args.checkpoint, args.out, args.calib, args.calib_n, args.model)
+        if args.json:
+            print(json.dumps(r, indent=1))
+            return 0
+        print(
+            f"int8 model: {r['int8']} ({r['bytes']['int8'] / 1e6:.2f} MB vs {r['bytes']['fp32'] / 1e6:.2f} MB fp32), "
+            f"calibrated on {r['calibration_images']} real images"
+        )
+        if "int8_top1_err" in r:
+            print(
+                f"accuracy on {r['test_images']} test images: fp32 top-1 error {100 * r['fp32_top1_err']:.2f}%, "
+                f"int8 {100 * r['int8_top1_err']:.2f}% ({100 * (r['int8_top1_err'] - r['fp32_top1_err']):+.2f} points), "
+                f"top-1 agreement {100 * r['top1_agreement']:.1f}%"
+            )
+        for bs in (1, 8):
+            f, q = r[f"fp32_b{bs}"], r[f"int8_b{bs}"]
+            print(
+                f"batch {bs}: fp32 {f['img_per_s']:.0f} img/s, int8 {q['img_per_s']:.0f} img/s "
+                f"({r[f'int8_speedup_b{bs}']:.2f}x)"
+            )
+        return 0
+
+    return run
+
+
+@command(
+    "bench",
+    "inference latency/throughput: torchvision vs reslab eager, channels_last+folded BN, compile, ORT",
+)
+def _bench(p: argparse.ArgumentParser) -> Handler:
+    from reslab.deploy.bench import BACKENDS
+
+    p.add_argument("target", metavar="MODEL_OR_CKPT")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per cell")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy.bench import bench
+
+        batches = tuple(_positive_int(b, "--batch") for b in args.batch.split(","))
+        say = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
+        result = bench(args.target, batches=batches, input_size=args.input_size, device=args.device,
+                       backends=tuple(args.backends.split(",")), min_time=args.min_time, progress=say)  # fmt: skip
+        if args.json:
+            print(json.dumps(result["rows"], indent=1))
+            return 0
+        print(
+            f"{result['model']} at {'x'.join(map(str, result['input_size']))} on {result['device']} "
+            f"({result['threads']} threads); fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s; "
+            f"{result['gflops_per_image']:.2f} GFLOP per image"
+        )
+        rows = [{**r, "ips": f"{r['img_per_s']:.1f}", "p50": f"{r['p50_ms']:.1f}", "p90": f"{r['p90_ms']:.1f}",
+                 "spread": f"{r['spread_pct']:.0f}%", "gf": f"{r['gflops_per_s']:.0f}",
+                 "peak": f"{100 * r['peak_fraction']:.0f}%",
+                 "ratio": f"{r['vs_torchvision']:.2f}x" if r["vs_torchvision"] else "-"} for r in result["rows"]]  # fmt: skip
+        print(format_table(rows, [("backend", "backend"), ("batch", "batch"), ("ips", "img/s"), ("p50", "p50 ms"),
+                                  ("p90", "p90 ms"), ("spread", "p90/p50"), ("gf", "GFLOP/s"), ("peak", "of peak"),
+                                  ("ratio", "vs torchvision")]))  # fmt: skip
+        return 0
+
+    return run
+
+
+@command(
+    "finetune", "fine-tune pretrained weights on a folder of images: new head, frozen and unfrozen stages"
+)
+def _finetune(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                   help="a reslab checkpoint, a weights file (with --model), or torchvision:resnet50.IMAGENET1K_V2")  # fmt: skip
+    p.add_argument(
+        "--data-dir",
+        required=True,
+        metavar="FOLDER",
+        help="ImageFolder layout (train/ + val/, or one folder)",
+    )
+    p.add_argument("--model", help="architecture (default: the source's)")
+    p.add_argument("--freeze", default=None, help="base (default) | stages:N | none")
+    p.add_argument(
+        "--unfreeze-at",
+        nargs="*",
+        default=None,
+        metavar="EPOCH:N",
+        help="unfreeze the last N stages at EPOCH",
+    )
+    p.add_argument("--head-lr", type=float)
+    p.add_argument("--base-lr", type=float, help="default: head-lr / 10")
+    p.add_argument("--frozen-bn", action="store_true", help="FrozenBatchNorm2d in parts that stay frozen")
+    p.add_argument("--in-chans-mode", choices=("auto", "sum", "repeat"))
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--val-split", type=float, help="default 0.2 when the folder has no val/ or test/")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.config import parse_override
+        from reslab.engine import fit
+        from reslab.engine.loop import TrainingInterrupted
+        from reslab.transfer import finetune_config
+
+        overrides = dict(parse_override(item) for item in args.overrides)
+        flags = {"finetune.freeze": args.freeze, "finetune.unfreeze_at": args.unfreeze_at,
+                 "finetune.head_lr": args.head_lr, "finetune.base_lr": args.base_lr,
+                 "finetune.frozen_bn": "frozen" if args.frozen_bn else None, "finetune.in_chans_mode": args.in_chans_mode,
+                 "epochs": args.epochs, "data.batch_size": args.batch_size, "data.val_split": args.val_split,
+                 "seed": args.seed, "out": args.out, "device": args.device, "progress": args.progress}  # fmt: skip
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        cfg = finetune_config(args.source, args.data_dir, model=args.model, overrides=overrides)
+        print(f"reslab: fine-tuning {cfg.model} from {cfg.finetune.source} on {args.data_dir}")
+        try:
+            result = fit(cfg)
+        except TrainingInterrupted as e:
+            print(f"reslab: {e}", file=sys.stderr)
+            return 130
+        _print_run_result(result)
+        return 0
+
+    return run
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise ReslabError(f"{text!r}: expected comma-separated numbers, e.g. 20,32,56") from None
+
+
+@command("analyze", "the residual-learning lab: degradation, gradients, responses, landscape, lesion, report")
+def _analyze(p: argparse.ArgumentParser) -> Handler:
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+
+    def study(name: str, help: str) -> argparse.ArgumentParser:
+        sp = studies.add_parser(name, help=help, description=help)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name != "report":
+            sp.add_argument("--out", metavar="DIR", help=f"study folder (default runs/analyze-{name})")
+            sp.add_argument("--no-progress", dest="progress", action="store_false")
+        return sp
+
+    sp = study("degradation", "train plain and residual twins at several depths (the paper's Figs. 1 and 6)")
+    sp.add_argument("--depths", default="20,56", help="comma-separated depths (default 20,56)")
+    sp.add_argument("--quick", action="store_true", help="a few hundred iterations: minutes on a CPU")
+    sp.add_argument("--config", default="cifar10_paper", help="recipe for full runs (default cifar10_paper)")
+    sp.add_argument("--data", help="default: folder when --data-dir is given, else the embedded default")
+    sp.add_argument("--data-dir", metavar="DIR")
+    sp.add_argument("--iters", type=int, help="override the budget")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="auto")
+    sp = study("gradients", "per-layer gradient norms of plain vs residual nets, at init and after training")
+    sp.add_argument("--depths", default="20,56,110")
+    sp.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
+    sp.add_argument("--batch", type=int, default=128)
+    sp.add_argument(
+        "--correlation", action="store_true", help="also the shattered-gradients correlation curve"
+    )
+    sp.add_argument("--data")
+    sp.add_argument("--data-dir", metavar="DIR")
+    sp.add_argument("--seed", type=int, default=0)
+    sp = study("responses", "std of each 3x3 layer's response on the test set (the paper's Fig. 7)")
+    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT")
+    sp.add_argument("--limit", type=int, default=1000, help="test images to use")
+    sp.add_argument("--data")
+    sp.add_argument("--data-dir", metavar="DIR")
+    sp = study("landscape", "loss landscape along filter-normalised directions (Li et al. 2018)")
+    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or two side by side")
+    sp.add_argument("--grid", type=int, default=21, help="points per axis (default 21; the paper used 51)")
+    sp.add_argument("--span", type=float, default=1.0, help="coordinates run over [-span, span]")
+    sp.add_argument("--samples", type=int, default=1000, help="training images (no augmentation)")
+    sp.add_argument("--mode", choices=("1d", "2d", "both"), default="both")
+    sp.add_argument("--interpolate", action="store_true", help="also the 1D path between two checkpoints")
+    sp.add_argument("--replot", action="store_true", help="redraw from the saved NPZ files")
+    sp.add_argument("--seed", type=int, default=0)
+    sp = study("lesion", "remove residual blocks at test time (Veit et al. 2016)")
+    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT")
+    sp.add_argument("--limit", type=int, default=2000, help="test images to use")
+    sp.add_argument("--draws", type=int, default=5, help="random draws per number of removed blocks")
+    sp.add_argument("--max-k", type=int, default=10, help="remove up to this many blocks at random")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--data")
+    sp.add_argument("--data-dir", metavar="DIR")
+    sp = study("report", "gather study and run folders into one self-contained HTML page")
+    sp.add_argument("folders", nargs="+", metavar="RUN_OR_STUDY_DIR")
+    sp.add_argument("--out", metavar="FILE.html")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab import analysis
+
+        if args.study == "report":
+            print(f"report: {analysis.report.build_report(args.folders, args.out)}")
+            return 0
+        common = {"out": args.out}
+        if args.study == "degradation":
+            result = analysis.degradation.run(_int_list(args.depths), quick=args.quick, recipe=args.config,
+                                              data=args.data, data_dir=args.data_dir, iters=args.iters,
+                                              seed=args.seed, progress=args.progress, device=args.device, **common)  # fmt: skip
+        elif args.study == "gradients":
+            result = analysis.gradients.run(_int_list(args.depths), steps=args.steps, batch=args.batch,
+                                            data=args.data, data_dir=args.data_dir, correlation=args.correlation,
+                                            seed=args.seed, progress=args.progress, **common)  # fmt: skip
+        elif args.study == "responses":
+            result = analysis.responses.run(args.checkpoint, limit=args.limit, data=args.data, data_dir=args.data_dir,
+                                            **common)  # fmt: skip
+        elif args.study == "landscape":
+            result = analysis.landscape.run(args.checkpoint, grid=args.grid, span=args.span, samples=args.samples,
+                                            mode=args.mode, interpolate=args.interpolate, replot=args.replot,
+                                            seed=args.seed, progress=args.progress, **common)  # fmt: skip
+        else:
+            result = analysis.lesion.run(args.checkpoint, limit=args.limit, draws=args.draws, max_k=args.max_k,
+                                         seed=args.seed, data=args.data, data_dir=args.data_dir,
+                                         progress=args.progress, **common)  # fmt: skip
+        print(Path(result["out"], "summary.md").read_text())
+        print(f"study folder: {result['out']}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -377,7 +669,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        if args.command in ("train", "finetune"):  # under torchrun: leave the process group cleanly
+            from reslab.engine.distributed import shutdown
+
+            shutdown()
+        return code
     except ReslabError as e:
         if debug:
             raise

@@ -43,6 +43,8 @@ class DataConfig:
     limit_test: int | None = None
     classes: list[str] | None = None  # keep only these classes (e.g. transfer experiments)
     frames: int = 16  # frames sampled per video clip
+    mean: list[float] | None = None  # normalisation (default: computed from small-image training data,
+    std: list[float] | None = None  # ImageNet's for large images); fine-tuning records its source's
 
 
 @dataclass
@@ -72,6 +74,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Transfer learning: start from pretrained weights, replace the head, freeze and unfreeze."""
+
+    source: str | None = (
+        None  # a checkpoint/weights file, or torchvision:NAME.WEIGHTS (e.g. resnet50.IMAGENET1K_V2)
+    )
+    freeze: str = "base"  # base (all but the head) | stages:N (stem and the first N stages) | none
+    unfreeze_at: list[str] = field(default_factory=list)  # "EPOCH:N": at EPOCH, unfreeze the last N stages
+    head_lr: float | None = None  # default: optim.lr
+    base_lr: float | None = None  # default: head_lr / 10 (pretrained layers move gently)
+    frozen_bn: str = "eval"  # eval: frozen parts keep BN statistics fixed | frozen: FrozenBatchNorm2d
+    in_chans_mode: str = "auto"  # first-conv adaptation to other channel counts: sum | repeat | auto
+
+
+@dataclass
 class TrainConfig:
     model: str = "resnet20"
     model_args: dict[str, Any] = field(default_factory=dict)  # create_model overrides
@@ -91,8 +108,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str | None = None  # run directory (default runs/<model>-<data>-<time>)
     eval_every: int = 1  # epochs between evaluations
+    eval_every_iters: int | None = None  # also evaluate every N iterations (short runs' test curves)
     log_every: int = 50  # iterations between metric rows
     sync_bn: bool = False  # SyncBatchNorm across processes (distributed runs)
+    finetune: FinetuneConfig | None = None  # set by `reslab finetune`
     progress: bool = True
     # Recipe-level adjustments for particular models, e.g. the paper's warm-up for ResNet-110:
     # {resnet110: {sched.warmup_iters: 400}}. Applied after the recipe, before the command line.
@@ -249,6 +268,8 @@ CHOICES = {
     "sched.name": ("constant", "multistep", "cosine", "onecycle"),
     "sched.warmup_mode": ("linear", "constant"),
     "amp": ("none", "bf16", "fp16"),
+    "finetune.frozen_bn": ("eval", "frozen"),
+    "finetune.in_chans_mode": ("auto", "sum", "repeat"),
 }
 
 
@@ -256,8 +277,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, choices in CHOICES.items():
         node: Any = cfg
         for part in key.split("."):
-            node = getattr(node, part)
-        if node not in choices:
+            node = getattr(node, part, None) if node is not None else None
+        if node is not None and node not in choices:
             raise ReslabError(f"{key}={node!r}: choose one of {', '.join(choices)}")
     if cfg.epochs is not None and cfg.iters is not None:
         raise ReslabError("give the budget as epochs or iters, not both (e.g. --iters 64000 or --epochs 30)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,28 +159,33 @@ def default_preprocess(arch: str, in_chans: int) -> dict[str, Any]:
 
 
 def image_transform(preprocess: dict[str, Any]):
-    """The eval transform that matches how the model was trained (a PIL image -> a normalised tensor)."""
+    """The eval geometry that matches how the model was trained: a PIL image -> a uint8 tensor
+    (resize + center crop for ImageNet-style models, as torchvision's eval transforms)."""
     from torchvision.transforms import v2
 
-    size = preprocess["size"]
-    common = [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocess["mean"], preprocess["std"]),
-    ]
+    from reslab.data.folder import imagenet_transforms
+
     if preprocess["kind"] == "imagenet":
-        return v2.Compose([v2.Resize(preprocess["resize"], antialias=True), v2.CenterCrop(size), *common])
-    return v2.Compose([v2.Resize(size, antialias=True), *common])
+        return imagenet_transforms(False, preprocess["size"][-1], preprocess["resize"])
+    return v2.Compose([v2.Resize(preprocess["size"], antialias=True), v2.PILToTensor()])
 
 
-def list_images(inputs: list[str]) -> list[Path]:
+def list_images(inputs: list[str], strict: bool = False) -> list[Path]:
+    """Image files named directly or found in folders; other files in folders are reported (or, with
+    ``strict``, refused)."""
     from reslab.data.sources import IMG_EXTENSIONS
 
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            others = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
+            for f in others:
+                if strict:
+                    raise ReslabError(f"{f}: not an image file (drop --strict to skip such files)")
+                print(f"reslab: skipping {f}: not an image file", file=sys.stderr)
+            files.extend(f for f in found if f.suffix.lower() in IMG_EXTENSIONS)
         elif p.exists():
             files.append(p)
         else:
@@ -189,31 +195,39 @@ def list_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def image_loader(files: list[Path], preprocess: dict[str, Any], batch_size: int = 64, workers: int | None = None,
-                 device: str | torch.device = "cpu"):  # fmt: skip
-    """Batches of (images, file indices) for a list of files, decoded by DataLoader workers.
+def image_loader(
+    files: list[Path],
+    preprocess: dict[str, Any],
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+    draft: bool = False,
+):
+    """Batches of (normalised images, file indices) for a list of files, decoded by DataLoader workers.
 
-    Unreadable files are skipped and named on stderr; their indices are simply absent.
+    Unreadable files are named on stderr and skipped (their indices are absent), or raise with
+    ``strict``. ``draft`` lets the JPEG decoder downscale while decoding (faster, not pixel-exact).
     """
-    import os
-
     from reslab.data.folder import FolderLoader
 
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    draft_size = preprocess.get("resize") if draft and preprocess["kind"] == "imagenet" else None
     return FolderLoader([(str(f), i) for i, f in enumerate(files)], image_transform(preprocess), batch_size=batch_size,
                         train=False, channels=preprocess["channels"], workers=workers if len(files) > batch_size else 0,
-                        device=device)  # fmt: skip
+                        mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), device=device, strict=strict,
+                        draft=draft_size)  # fmt: skip
 
 
 @torch.no_grad()
 def predict(nets: list[nn.Module], classes: list[str], raw: dict[str, Any], files: list[Path], topk: int = 5,
-            batch_size: int = 64) -> list[dict[str, Any]]:  # fmt: skip
+            batch_size: int = 64, strict: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Top-k classes and probabilities for each image (the mean softmax over several models)."""
     device = next(nets[0].parameters()).device
     ensemble = Ensemble(nets).eval()
     results = []
     k = min(topk, len(classes))
-    for x, idx in image_loader(files, raw, batch_size, device=device):
+    for x, idx in image_loader(files, raw, batch_size, device=device, strict=strict):
         p, top = ensemble(x).exp().topk(k, dim=1)
         for i, pi, ti in zip(idx.tolist(), p.tolist(), top.tolist(), strict=True):
             results.append({"file": str(files[i]), "top": [{"class": classes[c], "index": c, "prob": q}
@@ -234,25 +248,15 @@ def evaluate_checkpoints(
 ) -> dict[str, Any]:
     """Evaluate one checkpoint, or an ensemble of several, on the test split of the data they were
     trained on (or of ``data``/``data_dir``). Each member is scored too, in the same pass."""
-    from reslab.config import DataConfig
-    from reslab.data import build_data
+    from reslab.data import build_data, checkpoint_data
     from reslab.engine.loop import EvalStats, resolve_device
 
     dev = resolve_device(device)
     pad = 4
     nets, metas, raw = load_members(paths, model, dev, tta, pad)
-    trained_on = dict((metas[0].get("config") or {}).get("data") or {})
-    if data is None and not trained_on:
-        raise ReslabError(f"{paths[0]}: no record of its training data; pass --data (and --data-dir)")
-    fields = {k: v for k, v in trained_on.items() if k in DataConfig.__dataclass_fields__}
-    if data is not None and data != fields.get("name"):
-        fields = {"name": data}
-    if data_dir is not None:
-        fields["dir"] = data_dir
-    fields.update(val_split=0.0, limit_train=None, limit_test=None)
-    cfg = DataConfig(**fields)
+    cfg, seed = checkpoint_data(metas[0], data=data, data_dir=data_dir)
     classes = metas[0]["classes"]
-    d = build_data(cfg, device=dev, channels=raw["channels"], preprocess=raw, progress=False)
+    d = build_data(cfg, seed=seed, device=dev, channels=raw["channels"], preprocess=raw, progress=False)
     if len(d.classes) != len(classes):
         raise ReslabError(f"{paths[0]} predicts {len(classes)} classes but {cfg.name} has {len(d.classes)}")
     ensemble = Ensemble(nets).eval()

@@ -180,8 +180,8 @@ def load_weights(
 
 def _compare(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> LoadReport:
     shared = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
-    return LoadReport(
-        missing=sorted(set(own) - set(sd)),
+    return LoadReport(  # a missing BN step counter (e.g. from FrozenBatchNorm2d) is harmless
+        missing=sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked")),
         unexpected=sorted(set(sd) - set(own)),
         mismatched=[f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shared],
     )

@@ -97,7 +97,8 @@ def test_large_image_folder_streams_with_skips(tmp_path) -> None:
     batches = list(data.train)
     assert all(x.shape[1:] == (3, 48, 48) for x, _ in batches)
     seen = sum(len(y) for x, y in data.eval)
-    assert seen == 12 and data.eval.skipped == 1  # the broken file is skipped and counted
+    assert seen == 12 and len(data.eval.skipped) == 1  # the broken file is skipped, by name
+    assert "broken.png: UnidentifiedImageError" in data.eval.skipped[0]
 
 
 def test_streaming_order_is_independent_of_workers_and_resumable(tmp_path) -> None:
@@ -108,7 +109,7 @@ def test_streaming_order_is_independent_of_workers_and_resumable(tmp_path) -> No
         loader = build_data(cfg, seed=5, progress=False).train
         loader.set_epoch(2)
         batches[workers] = [x for x, _ in loader]
-        loader.set_epoch(2, start_step=2)
+        loader.set_epoch(2, start_sample=6)
         tail = [x for x, _ in loader]
         assert all(torch.equal(a, b) for a, b in zip(batches[workers][2:], tail, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
@@ -164,7 +165,7 @@ def test_tensor_loader_is_deterministic_and_resumable() -> None:
     loader.set_epoch(4)
     full = list(loader)
     assert len(full) == 6 and all(len(y) == 16 for _, y in full)
-    loader.set_epoch(4, start_step=4)
+    loader.set_epoch(4, start_sample=64)
     tail = list(loader)
     assert all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[4:], tail, strict=True)

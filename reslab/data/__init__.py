@@ -39,6 +39,7 @@ class Data:
     in_chans: int
     preprocess: dict[str, Any]  # how to turn an image file into a model input (for eval/predict)
     skipped: list[str] = field(default_factory=list)
+    class_counts: list[int] = field(default_factory=list)  # training images per class
 
 
 def _stratified(labels: torch.Tensor, fraction: float | None, count: int | None, seed: int) -> torch.Tensor:
@@ -72,6 +73,58 @@ def _default_dir(name: str) -> Path:
     if env:
         return Path(env) / name
     raise ReslabError(f"--data {name} needs --data-dir DIR (or set RESLAB_DATA)")
+
+
+def has_test_split(cfg: DataConfig) -> bool:
+    """Whether the data has its own held-out split (folders need a val/ or test/ subfolder)."""
+    if cfg.name not in ("folder", "clips") or not cfg.dir:
+        return True
+    return any((Path(cfg.dir) / n).is_dir() for n in ("val", "test"))
+
+
+def checkpoint_data(
+    meta: dict[str, Any], *, data: str | None = None, data_dir: str | None = None, **changes: Any
+) -> tuple[DataConfig, int]:
+    """The data a checkpoint was trained on (or ``data``/``data_dir``), set up for evaluation, and the
+    seed of its splits. Evaluation uses the test split, or the same held-out validation split as in
+    training when the data has none."""
+    config = meta.get("config") or {}
+    fields = dict(config.get("data") or meta.get("data") or {})
+    fields = {k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__}
+    if data is not None and data != fields.get("name"):
+        fields = {"name": data}
+    if data_dir is not None:
+        fields["dir"] = data_dir
+    if not fields:
+        raise ReslabError(
+            f"{meta.get('path', 'checkpoint')}: no record of its data; pass --data (and --data-dir)"
+        )
+    cfg = DataConfig(**{**fields, "limit_train": None, "limit_test": None})
+    if has_test_split(cfg):
+        cfg.val_split = 0.0
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg, int(config.get("seed", 0))
+
+
+def fixed_batches(
+    meta: dict[str, Any], *, split: str, limit: int, batch_size: int = 250, data: str | None = None,
+    data_dir: str | None = None, seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Up to ``limit`` real images of the data a checkpoint was trained on (see :func:`checkpoint_data`),
+    un-augmented, as batches in memory: the same for every model a study compares.
+
+    ``meta`` is a checkpoint's metadata (its preprocessing is used) or ``{"data": {...}}``.
+    ``split``: "train" (a stratified subset of the training images) or "test".
+    """
+    key = "limit_train" if split == "train" else "limit_test"
+    cfg, recorded_seed = checkpoint_data(meta, data=data, data_dir=data_dir, augment="none", batch_size=batch_size,
+                                         eval_batch_size=batch_size, **{key: limit})  # fmt: skip
+    pre = meta.get("preprocess")
+    d = build_data(cfg, seed=seed or recorded_seed, channels=pre["channels"] if pre else None, preprocess=pre,
+                   progress=False)  # fmt: skip
+    loader = d.train.as_eval(batch_size) if split == "train" else d.eval
+    return [(x, y) for x, y in loader]
 
 
 def load_arrays(cfg: DataConfig, progress: bool = True) -> tuple[ImageArrays, ImageArrays | None] | None:
@@ -145,6 +198,8 @@ def build_data(
     in_chans = train.images.shape[1]
     if preprocess is not None:
         mean, std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+    elif cfg.mean and cfg.std:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:  # per-channel statistics of the training images: computed, not looked up
         pixels = train.images.transpose(0, 1).reshape(in_chans, -1).double() / 255
         mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
@@ -168,6 +223,7 @@ def build_data(
         preprocess={"kind": "resize" if train.images.ndim == 4 else "clip", "size": list(train.images.shape[2:]),
                     "mean": list(mean), "std": list(std), "channels": in_chans},
         skipped=skipped,
+        class_counts=torch.bincount(train.labels, minlength=len(train.classes)).tolist(),
     )  # fmt: skip
 
 
@@ -212,18 +268,22 @@ def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, ran
         size = cfg.image_size or 224
         resize = cfg.resize or round(size * 256 / 224)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+        if cfg.mean and cfg.std:
+            mean, std = tuple(cfg.mean), tuple(cfg.std)
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     common = dict(channels=in_chans, workers=workers, seed=seed, device=device, channels_last=channels_last,
-                  rank=rank, world=world)  # fmt: skip
+                  rank=rank, world=world, mean=mean, std=std)  # fmt: skip
     return Data(
         name=cfg.name,
-        train=FolderLoader(samples, imagenet_transforms(cfg.augment != "none", size, resize, mean, std),
-                           batch_size=cfg.batch_size, train=True, **common),
-        eval=FolderLoader(evaluation, imagenet_transforms(False, size, resize, mean, std),
+        train=FolderLoader(samples, imagenet_transforms(cfg.augment != "none", size, resize),
+                           batch_size=cfg.batch_size, train=True, eval_transform=imagenet_transforms(False, size, resize),
+                           **common),
+        eval=FolderLoader(evaluation, imagenet_transforms(False, size, resize),
                           batch_size=cfg.eval_batch_size, train=False, **common),
         eval_split=split,
         classes=classes,
         in_chans=in_chans,
         preprocess={"kind": "imagenet", "size": [size, size], "resize": resize, "mean": list(mean),
                     "std": list(std), "channels": in_chans},
+        class_counts=torch.bincount(torch.tensor([y for _, y in samples]), minlength=len(classes)).tolist(),
     )  # fmt: skip

@@ -14,42 +14,53 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reslab.data.memory import step_seed
+from reslab.errors import ReslabError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagenet_transforms(train: bool, size: int, resize: int, mean, std):
-    """ImageNet-style transforms: random-resized crop + flip for training, resize + center crop for eval."""
+def imagenet_transforms(train: bool, size: int, resize: int):
+    """ImageNet-style geometry on uint8 images: random-resized crop + flip for training, resize +
+    center crop for evaluation (as torchvision's eval transforms). Normalisation happens later, on
+    whole batches."""
     from torchvision.transforms import v2
 
-    common = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train:
-        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *common])
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), *common])
+        return v2.Compose(
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+        )
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
 
 
 class ImageFiles(Dataset):
-    """(path, label) pairs -> transformed tensors; ``None`` for a file that cannot be decoded."""
+    """(path, label) pairs -> uint8 tensors; an unreadable file becomes a skip record naming it.
 
-    def __init__(self, samples: list[tuple[str, int]], transform, channels: int = 3) -> None:
-        self.samples, self.transform = samples, transform
+    ``draft``: let the JPEG decoder produce a reduced-size image directly (much faster for large
+    photos, but not pixel-identical to a full decode); the target is the resize size.
+    """
+
+    def __init__(
+        self, samples: list[tuple[str, int]], transform, channels: int = 3, draft: int | None = None
+    ) -> None:
+        self.samples, self.transform, self.draft = samples, transform, draft
         self.mode = "L" if channels == 1 else "RGB"
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | str:
         index, seed = item
         path, label = self.samples[index]
         from PIL import Image
 
         try:
             with Image.open(path) as im:
+                if self.draft:
+                    im.draft(self.mode, (self.draft, self.draft))
                 img = im.convert(self.mode)  # grey photos become RGB (and vice versa) here
         except Exception as e:
-            print(f"reslab: skipping {path}: {type(e).__name__}: {e}", file=sys.stderr)
-            return None
+            return f"{path}: {type(e).__name__}: {e}"
         torch.manual_seed(seed)
         return self.transform(img), label
 
@@ -62,39 +73,42 @@ class SeededSampler(Sampler):
     ) -> None:
         self.n, self.shuffle, self.seed, self.batch_size = n, shuffle, seed, batch_size
         self.rank, self.world = rank, world
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_sample = 0, 0
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """As :meth:`TensorLoader.set_epoch`: skip the first ``start_sample`` samples (all processes)."""
+        self.epoch, self.start_sample = epoch, start_sample
 
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
+    def indices(self, start: int = 0) -> list[int]:
+        if not self.shuffle:
+            return torch.arange(self.n)[start:][self.rank :: self.world].tolist()
+        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
+        order = torch.randperm(self.n, generator=g)[start:]
+        order = order[: len(order) - len(order) % self.world]  # equal shards: every process takes equal steps
         return order[self.rank :: self.world].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        idx = self.indices()[self.start_step * self.batch_size :]
-        for i in idx:
+        for i in self.indices(self.start_sample):
             yield i, step_seed(self.seed, self.epoch, i)
 
     def __len__(self) -> int:
-        return max(0, len(self.indices()) - self.start_step * self.batch_size)
+        return len(self.indices(self.start_sample))
 
 
-def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    good = [b for b in batch if b is not None]
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    good = [b for b in batch if not isinstance(b, str)]
+    skipped = [b for b in batch if isinstance(b, str)]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), len(batch)
-    x = torch.stack([b[0] for b in good])
-    y = torch.tensor([b[1] for b in good], dtype=torch.int64)
-    return x, y, len(batch) - len(good)
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.int64), skipped
 
 
 class FolderLoader:
-    """A DataLoader over image files with the same interface as :class:`TensorLoader`."""
+    """A DataLoader over image files with the same interface as :class:`TensorLoader`.
+
+    Workers decode and crop to uint8; batches are normalised on the device. Unreadable files are
+    reported on stderr by name and skipped, or raise with ``strict``.
+    """
 
     def __init__(
         self,
@@ -105,18 +119,34 @@ class FolderLoader:
         train: bool,
         channels: int,
         workers: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
         seed: int = 0,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        strict: bool = False,
+        draft: int | None = None,
+        eval_transform=None,
     ) -> None:
+        self._args = dict(samples=samples, transform=eval_transform or transform, batch_size=batch_size, channels=channels,
+                          workers=workers, mean=mean, std=std, seed=seed, device=device, channels_last=channels_last,
+                          rank=rank, world=world, strict=strict, draft=draft)  # fmt: skip
         self.device = torch.device(device)
-        self.train, self.batch_size, self.channels_last = train, batch_size, channels_last
+        self.train, self.batch_size, self.channels_last, self.strict = (
+            train,
+            batch_size,
+            channels_last,
+            strict,
+        )
+        shape = (1, channels, 1, 1)
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(self.device)
         self.sampler = SeededSampler(len(samples), shuffle=train, seed=seed, batch_size=batch_size,
                                      rank=rank, world=world)  # fmt: skip
         self.loader = DataLoader(
-            ImageFiles(samples, transform, channels),
+            ImageFiles(samples, transform, channels, draft),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -125,7 +155,11 @@ class FolderLoader:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
         )
-        self.skipped = 0
+        self.skipped: list[str] = []
+
+    def as_eval(self, batch_size: int | None = None) -> FolderLoader:
+        """The same images in their natural order, every one, with the evaluation transform."""
+        return FolderLoader(**{**self._args, "batch_size": batch_size or self.batch_size}, train=False)
 
     @property
     def num_samples(self) -> int:
@@ -135,15 +169,19 @@ class FolderLoader:
         n = self.num_samples
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_step)
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, skipped in self.loader:
-            self.skipped += skipped
+            for msg in skipped:
+                if self.strict:
+                    raise ReslabError(f"unreadable image {msg} (drop --strict to skip such files)")
+                print(f"reslab: skipping {msg}", file=sys.stderr)
+            self.skipped.extend(skipped)
             if len(y) == 0:
                 continue
-            x = x.to(self.device, non_blocking=True)
+            x = (x.to(self.device, non_blocking=True).float() - self.shift) * self.scale
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)

@@ -8,6 +8,7 @@ middle of an epoch sees exactly the batches the uninterrupted run would have see
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -81,7 +82,13 @@ class TensorLoader:
         shape = (1, images.shape[1]) + (1,) * (images.ndim - 2)
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
         self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(self.device)
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_sample = 0, 0
+
+    def as_eval(self, batch_size: int | None = None) -> TensorLoader:
+        """The same images in their natural order, every one, without augmentation."""
+        view = copy.copy(self)
+        view.train, view.batch_size = False, batch_size or self.batch_size
+        return view
 
     @property
     def num_samples(self) -> int:
@@ -93,24 +100,30 @@ class TensorLoader:
         n = self.num_samples
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The epoch to iterate next, starting at batch ``start_step`` (mid-epoch resume)."""
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """The epoch to iterate next, skipping the first ``start_sample`` samples of its order, counted
+        over all processes (mid-epoch resume, also with another number of processes)."""
+        self.epoch, self.start_sample = epoch, start_sample
 
     def _order(self) -> torch.Tensor:
         n = len(self.labels)
         if not self.train:
             return torch.arange(n)[self.rank :: self.world]
         g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
-        return torch.randperm(n, generator=g)[self.rank :: self.world]
+        order = torch.randperm(n, generator=g)[self.start_sample :]
+        order = order[: len(order) - len(order) % self.world]  # equal shards: every process takes equal steps
+        return order[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         b = self.batch_size
-        start, self.start_step = self.start_step, 0
+        skipped = self.start_sample // (b * self.world)  # batches the earlier part of the epoch took
+        self.start_sample = 0
         gen = torch.Generator(device=self.device)
-        for step in range(start, len(self)):
-            idx = order[step * b : (step + 1) * b]
+        steps = len(order) // b if self.train else -(-len(order) // b)
+        for i in range(steps):
+            step = skipped + i
+            idx = order[i * b : (i + 1) * b]
             x = self.images[idx]
             if self.train and self.augment != "none":
                 gen.manual_seed(step_seed(self.seed + 1 + self.rank, self.epoch, step))

@@ -34,6 +34,10 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module" or not _is_norm(modules[node.target]):
             continue
         src = node.args[0]
+        # look through no-op modules in between (e.g. a disabled dropout)
+        while (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Identity)
+               and len(src.users) == 1):  # fmt: skip
+            src = src.args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], _CONVS)
                 and len(src.users) == 1):  # fmt: skip
             pairs.append((src.target, node.target))

@@ -47,6 +47,16 @@ def setup(device_name: str = "auto") -> DistContext:
     return DistContext(tdist.get_rank(), tdist.get_world_size(), local_rank, device)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (a process that exits inside it can abort its peers)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
 def is_main() -> bool:
     return not tdist.is_initialized() or tdist.get_rank() == 0
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,13 +44,34 @@ class NonFiniteLoss(ReslabError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains, in iterations of the global batch it started with.
+
+    Progress is counted in samples, so a run resumed with another number of processes keeps its
+    data order and its learning-rate schedule.
+    """
+
+    total_iters: int
+    global_batch: int
+
+    def position(self, state: TrainState) -> int:
+        """Where the schedule is, in iterations of the original global batch."""
+        return state.samples // self.global_batch
+
+    def done(self, state: TrainState) -> bool:
+        return state.samples >= self.total_iters * self.global_batch
+
+
 @dataclass
 class TrainState:
     """Where a run is: the part of a checkpoint that is not tensors of the model or optimizer."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # batches done in the current epoch
+    step: int = 0  # batches this process did in the current epoch
     iteration: int = 0  # optimizer steps done in all
+    samples: int = 0  # training samples seen, over all processes and epochs
+    epoch_samples: int = 0  # ... and in the current epoch
     best_err: float = math.inf
     best_iteration: int = -1
     # Running sums of the current epoch: loss, errors, samples, seconds (restored on resume).
@@ -81,16 +103,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """SGD or AdamW; norm weights and biases optionally without weight decay (modern recipes)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0,
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:  # fmt: skip
+    """SGD or AdamW over ``groups`` (default: all parameters); norm weights and biases optionally
+    without weight decay (modern recipes)."""
     o = cfg.optim
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not o.decay_norm_and_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = groups or [
+        {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}
+    ]
+    if not o.decay_norm_and_bias:  # split each group into its decayed and its 1-D parameters
+        groups = [{**g, "params": [p for p in g["params"] if (p.ndim <= 1) == nd], **({"weight_decay": 0.0} if nd else {})}
+                  for g in groups for nd in (False, True)]  # fmt: skip
+        groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = g.get("lr", o.lr) * lr_scale
     lr = o.lr * lr_scale
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
@@ -110,25 +136,33 @@ def train_one_epoch(
     state: TrainState,
     cfg: TrainConfig,
     *,
-    total_iters: int,
+    budget: Budget,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
     ema: EMA | None = None,
     log: RunLog | None = None,
     stop: Stop | None = None,
-) -> None:
-    """Train until the epoch ends, the budget is spent or a stop is requested; update ``state``."""
+    on_step: Callable[[TrainState], None] | None = None,
+) -> bool:
+    """Train until the epoch's data runs out (returns True), the budget is spent or a stop is
+    requested (returns False); update ``state``.
+
+    ``on_step`` runs after every optimizer step (e.g. a periodic evaluation).
+    """
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
-    check_every = 1 if device.type == "cpu" else cfg.log_every  # a GPU sync per step costs throughput
+    world_batch = loader.batch_size * dist.world_size()
+    # The per-step NaN check reads one process's loss: alone, and only where the sync is cheap.
+    check_every = 1 if device.type == "cpu" and dist.world_size() == 1 else cfg.log_every
     window = {"loss": torch.zeros((), device=device, dtype=torch.float64), "err": torch.zeros((), device=device,
               dtype=torch.float64), "n": 0, "t": time.perf_counter()}  # fmt: skip
     steps = len(loader)
     bar = _progress(cfg, total=steps * loader.batch_size, initial=state.step * loader.batch_size,
                     desc=f"epoch {state.epoch + 1}")  # fmt: skip
     t_step = time.perf_counter()
+    ran_out = True
     for x, y in loader:
-        factor = lr_factor(state.iteration, total_iters, cfg.sched)
+        factor = lr_factor(budget.position(state), budget.total_iters, cfg.sched)
         for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = base * factor
         with _autocast(device, cfg.amp):
@@ -156,6 +190,8 @@ def train_one_epoch(
             window["n"] += n
         state.iteration += 1
         state.step += 1
+        state.samples += world_batch
+        state.epoch_samples += world_batch
         if state.iteration % check_every == 0 and not math.isfinite(window["loss"].item()):
             raise NonFiniteLoss(
                 f"the loss became {window['loss'].item()} by iteration {state.iteration}; the last good checkpoint "
@@ -171,12 +207,22 @@ def train_one_epoch(
                                 lr=f"{row['lr']:.3g}", refresh=False)  # fmt: skip
         if bar is not None:
             bar.update(n)
-        if state.iteration >= total_iters or (stop is not None and stop.requested):
+        if on_step is not None:
+            on_step(state)
+            model.train()
+        requested = stop is not None and stop.requested
+        if dist.world_size() > 1:  # every process must stop after the same step, or collectives desync
+            requested = dist.any_flag(requested)
+        if budget.done(state) or requested:
+            if stop is not None:
+                stop.requested = requested
+            ran_out = False
             break
     if window["n"]:
         _flush_window(window, state, optimizer, log)
     if bar is not None:
         bar.close()
+    return ran_out
 
 
 def _flush_window(window: dict, state: TrainState, optimizer, log: RunLog | None) -> dict[str, Any] | None:
@@ -386,43 +432,80 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
             f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
             file=sys.stderr,
         )
+    if data.class_counts and ctx.is_main and min(data.class_counts) * 1.5 < max(data.class_counts):
+        counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts))
+        print(f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
+              "so see the per-class accuracy in eval.json", file=sys.stderr)  # fmt: skip
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args).to(device)
+    if cfg.finetune is not None and ckpt is None:
+        from reslab.transfer import build_finetune_model, load_source
+
+        if not cfg.finetune.source:
+            raise ReslabError(
+                "finetune.source is not set: use reslab finetune --from SOURCE (or finetune=null)"
+            )
+        model = build_finetune_model(load_source(cfg.finetune.source, cfg.model), num_classes, data.in_chans,
+                                     cfg.finetune, cfg.model, model_args)  # fmt: skip
+    else:
+        model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args)
+    freezer = None
+    if cfg.finetune is not None:
+        from reslab.transfer import Freezer, to_frozen_batchnorm
+
+        freezer = Freezer(model, cfg.finetune)
+        if cfg.finetune.frozen_bn == "frozen":  # parts that stay frozen for the whole run
+            never = freezer.trainable_from(10**9)
+            for _, modules in freezer.parts()[:never]:
+                for module in modules:
+                    to_frozen_batchnorm(module)
+        freezer.apply(ckpt["state"]["epoch"] if ckpt is not None else 0)
+    model = model.to(device)
     if cfg.sync_bn and ctx.world > 1:
+        if device.type != "cuda":
+            raise ReslabError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs only under CUDA); on CPUs use "
+                              "a per-process batch of 16 or more")  # fmt: skip
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed + ctx.rank)
     global_batch = cfg.data.batch_size * ctx.world
     lr_scale = global_batch / 256 if cfg.optim.lr_scaling == "linear" else 1.0
-    optimizer = build_optimizer(model, cfg, lr_scale)
+    groups = None
+    if freezer is not None:
+        head_lr = cfg.finetune.head_lr or cfg.optim.lr
+        groups = freezer.param_groups(head_lr, cfg.finetune.base_lr or head_lr / 10, cfg.optim.weight_decay)
+    optimizer = build_optimizer(model, cfg, lr_scale, groups)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
         raise ReslabError(f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
                           "lower data.batch_size")  # fmt: skip
-    total_iters = cfg.iters or math.ceil((cfg.epochs or 1) * steps_per_epoch)
-    total_epochs = math.ceil(total_iters / steps_per_epoch)
+    budget = Budget(cfg.iters or math.ceil((cfg.epochs or 1) * steps_per_epoch), global_batch)
     state = TrainState()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("world", 1) != ctx.world:  # the learning rate follows this run's global batch
+            for g, (lr, initial) in zip(optimizer.param_groups, fresh_lrs, strict=True):
+                g["lr"], g["initial_lr"] = lr, initial
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.module.load_state_dict(ckpt["ema"])
         state = TrainState(**ckpt["state"])
+        state.step = state.epoch_samples // global_batch  # this run's batches, when the world size changed
+        budget = Budget(**ckpt["budget"]) if "budget" in ckpt else budget
         _set_rng_state(ckpt["rng"], device)
-        if ckpt.get("world", 1) != ctx.world and state.step:
-            raise ReslabError(f"{run_dir} stopped mid-epoch with {ckpt.get('world', 1)} process(es); "
-                              f"resume it with the same number, or from an epoch boundary")  # fmt: skip
+    total_iters = budget.total_iters
+    total_epochs = math.ceil(budget.total_iters * budget.global_batch / (steps_per_epoch * global_batch))
     train_model = dist.wrap(model, ctx)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
     meta = {"arch": cfg.model, "model_args": model_args, "num_classes": num_classes, "in_chans": data.in_chans,
-            "classes": data.classes, "preprocess": data.preprocess, "total_iters": total_iters, "world": ctx.world}  # fmt: skip
+            "classes": data.classes, "preprocess": data.preprocess, "budget": budget.__dict__, "world": ctx.world}  # fmt: skip
     log = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -447,19 +530,31 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
                                     f"not saving over {run_dir / name}")  # fmt: skip
             atomic_save(_checkpoint(model, optimizer, scaler, ema, state, cfg, data, meta), run_dir / name)
 
+    def periodic_eval(st: TrainState) -> None:
+        every = cfg.eval_every_iters
+        if every and st.iteration % every == 0 and st.step < steps_per_epoch and not budget.done(st):
+            ev = evaluate(model, data.eval, device, cfg.amp)
+            if log is not None:
+                log.log({"kind": "eval", "iteration": st.iteration, "epoch": st.epoch + 1, "eval_loss": ev["loss"],
+                         "eval_err": ev["err"], "eval_top5_err": ev["top5_err"]})  # fmt: skip
+
     t0 = time.perf_counter()
     last_row: dict[str, Any] = {}
     last_eval: dict[str, Any] | None = None
     try:
         with Stop() as stop:
-            while state.iteration < total_iters:
-                data.train.set_epoch(state.epoch, state.step)
-                train_one_epoch(train_model, data.train, optimizer, state, cfg, total_iters=total_iters,
-                                device=device, scaler=scaler, ema=ema, log=log, stop=stop)  # fmt: skip
+            while not budget.done(state):
+                if freezer is not None:
+                    trainable = freezer.apply(state.epoch)
+                    if ctx.is_main and (state.epoch == 0 or state.epoch in dict(freezer.events)):
+                        print(f"reslab: epoch {state.epoch + 1}: training {', '.join(trainable)}", flush=True)
+                data.train.set_epoch(state.epoch, state.epoch_samples)
+                ran_out = train_one_epoch(train_model, data.train, optimizer, state, cfg, budget=budget, device=device,
+                                          scaler=scaler, ema=ema, log=log, stop=stop, on_step=periodic_eval)  # fmt: skip
                 stop.requested = dist.any_flag(stop.requested)
-                finished_epoch = state.step >= steps_per_epoch or state.iteration >= total_iters
+                finished_epoch = ran_out or budget.done(state)
                 if finished_epoch:
-                    last_row, ev = _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log,
+                    last_row, ev = _end_epoch(model, ema, data, state, cfg, optimizer, budget, device, log,
                                               total_epochs, save)  # fmt: skip
                     last_eval = ev or last_eval
                 if stop.requested:
@@ -494,7 +589,7 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
                      last_row["train_err"], seconds, state.best_err, summary)  # fmt: skip
 
 
-def _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log, total_epochs, save
+def _end_epoch(model, ema, data, state, cfg, optimizer, budget, device, log, total_epochs, save
                ) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
     """Close an epoch: its summary row, an evaluation when due, best.pt and last.pt."""
     sums = state.sums
@@ -504,11 +599,11 @@ def _end_epoch(model, ema, data, state, cfg, optimizer, total_iters, device, log
            "img_s": sums["n"] / max(sums["time"], 1e-9), "eval_loss": None, "eval_err": None,
            "eval_top5_err": None, "ema_eval_err": None}  # fmt: skip
     state.epoch += 1
-    state.step = 0
+    state.step = state.epoch_samples = 0
     total_time = sums.get("total_time", 0.0) + sums["time"]
     state.sums = {"loss": 0.0, "err": 0.0, "n": 0.0, "time": 0.0, "total_time": total_time}
     ev = None
-    if state.epoch % cfg.eval_every == 0 or state.iteration >= total_iters:
+    if state.epoch % cfg.eval_every == 0 or budget.done(state):
         ev = evaluate(model, data.eval, device, cfg.amp)
         row.update(eval_loss=ev["loss"], eval_err=ev["err"], eval_top5_err=ev["top5_err"])
         if ema is not None:

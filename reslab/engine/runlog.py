@@ -91,7 +91,7 @@ def plot_curves(run_dir: Path, title: str | None = None, split: str = "test") ->
     """
     rows = read_metrics(run_dir)
     iters = [r for r in rows if r["kind"] == "iter"]
-    epochs = [r for r in rows if r["kind"] == "epoch" and r.get("eval_err") is not None]
+    epochs = [r for r in rows if r["kind"] in ("epoch", "eval") and r.get("eval_err") is not None]
     if not iters and not epochs:
         return None
     import matplotlib

@@ -91,6 +91,8 @@ class ResidualBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.residual, self.preact = residual, preact
+        self.in_chs, self.out_chs = convs[0].in_chs, convs[-1].out_chs
+        self.stride = max(c.stride for c in convs)
         self._units: list[tuple[str, str | None]] = []
         for i, c in enumerate(convs, 1):
             conv = conv_layer(c)
@@ -136,11 +138,24 @@ class ResidualBlock(nn.Module):
             out = self.drop_path(out) + shortcut
         return out if self.preact else self.act(out)
 
-    def branch_norms(self) -> list[nn.Module]:
-        """The modules whose outputs are the branch's normalised responses (the paper's Fig. 7)."""
-        if self.preact:
-            return [getattr(self, n) for _, n in self._units[1:]]
-        return [getattr(self, n) if n else getattr(self, c) for c, n in self._units]
+    @property
+    def keeps_shape(self) -> bool:
+        """Whether the block maps its input shape to itself, so that it can be replaced by identity."""
+        return self.in_chs == self.out_chs and self.stride == 1
+
+    def responses(self) -> list[tuple[str, nn.Module]]:
+        """Where each 3x3 conv's response can be read, after its BN and before any ReLU or addition
+        (the paper's Fig. 7): the BN that follows it, or in pre-activation blocks the conv itself."""
+        found = []
+        for conv_name, norm_name in self._units:
+            first = next(
+                m for m in getattr(self, conv_name).modules() if isinstance(m, nn.Conv2d | nn.Conv3d)
+            )
+            if max(first.kernel_size) == 1:
+                continue
+            name = norm_name if norm_name and not self.preact else conv_name
+            found.append((name, getattr(self, name)))
+        return found
 
     def zero_init_last(self) -> None:
         """Start the branch at zero so the block starts as identity (Goyal et al. 2017)."""

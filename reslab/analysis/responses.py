@@ -1,0 +1,97 @@
+"""Layer responses (He et al. 2015, Fig. 7): the standard deviation of each 3x3 conv layer's output,
+after BN and before the addition or ReLU. Residual functions are generally closer to zero than
+plain layers, and deeper ResNets have smaller responses."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.analysis.common import md_table, pyplot, study_dir, write_summary
+from reslab.data import fixed_batches
+
+
+@torch.no_grad()
+def layer_response_stds(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[str, float]]:
+    """Std of every 3x3 layer's response over all images, positions and channels, in depth order."""
+    sums: dict[str, list[float]] = {}
+    hooks = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for block in model.blocks():
+        for _, module in block.responses():
+            name = names[id(module)]
+            sums[name] = [0.0, 0.0, 0]
+
+            def hook(_m, _i, out, name=name) -> None:
+                o = out.double()
+                acc = sums[name]
+                acc[0] += o.sum().item()
+                acc[1] += (o * o).sum().item()
+                acc[2] += o.numel()
+
+            hooks.append(module.register_forward_hook(hook))
+    model.eval()
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(name, max(0.0, s2 / n - (s / n) ** 2) ** 0.5) for name, (s, s2, n) in sums.items()]
+
+
+def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 1000, data: str | None = None,
+        data_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
+    from reslab.inference import load_checkpoint
+
+    out = study_dir(out, "responses")
+    results = []
+    for path in checkpoints:
+        model, meta = load_checkpoint(path)
+        batches = fixed_batches(meta, split="test", limit=limit, data=data, data_dir=data_dir)
+        stds = layer_response_stds(model, batches)
+        label = f"{meta['arch']} ({Path(path).parent.name}/{Path(path).name})"
+        results.append({"checkpoint": str(path), "arch": meta["arch"], "label": label, "layers": stds,
+                        "mean_std": sum(s for _, s in stds) / len(stds), "images": sum(len(y) for _, y in batches)})  # fmt: skip
+    _plot(results, out / "responses.png")
+    with open(out / "responses.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["checkpoint", "arch", "layer_index", "layer", "std"])
+        for r in results:
+            for i, (name, s) in enumerate(r["layers"], 1):
+                w.writerow([r["checkpoint"], r["arch"], i, name, s])
+    rows = [{"label": r["label"], "layers": len(r["layers"]), "mean_std": r["mean_std"]} for r in results]
+    md = ["# Layer responses (Fig. 7)", "",
+          f"Std of each 3x3 layer's output after BN, before the addition/ReLU, over {results[0]['images']} test images.",
+          "", md_table(rows, [("label", "checkpoint"), ("layers", "3x3 layers"), ("mean_std", "mean std")]), "",
+          "![responses](responses.png)"]  # fmt: skip
+    summary = {"checkpoints": [{k: v for k, v in r.items() if k != "layers"} | {"stds": [s for _, s in r["layers"]]}
+                               for r in results]}  # fmt: skip
+    write_summary(out, "responses", summary, "\n".join(md))
+    return {"out": str(out), **summary}
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7))
+    for i, r in enumerate(results):
+        stds = [s for _, s in r["layers"]]
+        top.plot(range(1, len(stds) + 1), stds, color=f"C{i}", label=r["label"], lw=1.2)
+        bottom.plot(
+            range(1, len(stds) + 1), sorted(stds, reverse=True), color=f"C{i}", label=r["label"], lw=1.2
+        )
+    top.set_xlabel("layer index (original order)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""Export a checkpoint to ONNX, TorchScript or a ``torch.export`` program, and verify the result.
+
+Every export is run after writing (ONNX through ONNX Runtime) on real images and compared with
+the PyTorch model; a mismatch fails. Class names and preprocessing travel with the file: ONNX
+metadata, an extra file inside TorchScript/``.pt2`` archives, and a JSON sidecar for all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.deploy.fold import fold_batchnorm
+from reslab.errors import ReslabError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
+OPSET = 18
+
+
+def _metadata(meta: dict[str, Any], fmt: str, batch: str | int, folded: bool) -> dict[str, Any]:
+    return {"arch": meta["arch"], "classes": meta["classes"], "preprocess": meta["preprocess"], "format": fmt,
+            "batch": batch, "folded_bn": folded, "input": "float32 NCHW, preprocessed as 'preprocess' says"}  # fmt: skip
+
+
+def write_onnx(
+    model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, metadata: dict[str, Any]
+) -> None:
+    import onnx
+
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=OPSET, external_data=False,
+                          input_names=["input"], output_names=["logits"], dynamic_shapes=shapes, verbose=False)  # fmt: skip
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"reslab.{key}", json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported file the way a deployment would load it."""
+    if fmt == "onnx":
+        session = ort_session(path)
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.load(str(path))(x)
+    return torch.export.load(str(path)).module()(x)
+
+
+def export_model(
+    model: nn.Module,
+    meta: dict[str, Any],
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    batch: str | int = "dynamic",
+    fold_bn: bool = False,
+    verify_inputs: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` in ``fmt`` to ``out`` (+ ``out.json``) and verify it on ``verify_inputs``."""
+    if fmt not in FORMATS:
+        raise ReslabError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    dynamic = batch == "dynamic"
+    if not dynamic and (not isinstance(batch, int) or batch < 1):
+        raise ReslabError(f"--batch {batch!r}: 'dynamic' or a positive number")
+    model = model.eval()
+    deployed = fold_batchnorm(model) if fold_bn else model
+    size = tuple(meta["preprocess"]["size"])  # (H, W), or (T, H, W) for clips
+    shape = (2 if dynamic else batch, meta["preprocess"]["channels"], *size)
+    example = torch.randn(shape)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = _metadata(meta, fmt, batch, fold_bn)
+    with torch.no_grad():
+        if fmt == "onnx":
+            write_onnx(deployed, example, path, dynamic, metadata)
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(deployed, example)
+            traced.save(str(path), _extra_files={"reslab.json": json.dumps(metadata)})
+        else:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+            program = torch.export.export(deployed, (example,), dynamic_shapes=shapes)
+            torch.export.save(program, str(path), extra_files={"reslab.json": json.dumps(metadata)})
+    Path(f"{path}.json").write_text(json.dumps(metadata, indent=1))
+    report = {
+        "path": str(path),
+        "format": fmt,
+        "bytes": path.stat().st_size,
+        "batch": batch,
+        "folded_bn": fold_bn,
+    }
+    if verify_inputs is not None:
+        x = verify_inputs if dynamic else verify_inputs[:batch]
+        if not dynamic and len(x) < batch:
+            x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.ndim - 1))[:batch]
+        with torch.no_grad():
+            ref = model(x)
+            got = run_exported(path, fmt, x)
+        diff = (got - ref).abs().max().item()
+        agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
+        tol = 1e-3 * max(1.0, ref.abs().max().item())
+        report.update(verified_on=len(x), max_abs_diff=diff, top1_agreement=agree, tolerance=tol)
+        if not diff <= tol or agree < 1.0:
+            raise ReslabError(f"{path}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
+                              f"top-1 agreement {100 * agree:.1f}% on {len(x)} images")  # fmt: skip
+    return report

@@ -1,0 +1,164 @@
+"""The residual-learning lab: each study's core against a known answer, then every study end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from reslab import create_model
+from reslab.analysis.common import lesioned
+from reslab.analysis.gradients import conv_grad_norms
+from reslab.analysis.landscape import filter_normalized_direction, surface
+from reslab.analysis.lesion import path_lengths, removable_blocks
+from reslab.analysis.responses import layer_response_stds
+from reslab.cli import main
+
+
+def test_filter_normalized_direction_matches_weight_filter_norms() -> None:
+    model = create_model("resnet20")
+    direction = filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    for p, d in zip(model.parameters(), direction, strict=True):
+        if p.ndim <= 1:
+            assert not d.any()  # BN and bias directions are zero
+        else:
+            torch.testing.assert_close(d.flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1))
+
+
+def test_zero_direction_gives_a_flat_landscape(tmp_path) -> None:
+    model = create_model("resnet20").eval()
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+    zero = [torch.zeros_like(p) for p in model.parameters()]
+    coords = np.linspace(-1, 1, 3)
+    grid = surface(model, batches, [zero, zero], [coords, coords], tmp_path / "flat.npz", progress=False)
+    assert np.ptp(grid["loss"]) < 1e-6 and np.ptp(grid["err"]) == 0
+
+
+def test_landscape_resumes_where_it_stopped(tmp_path, monkeypatch) -> None:
+    import reslab.analysis.landscape as landscape
+
+    model = create_model("resnet20").eval()
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    d = filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    coords = np.linspace(-1, 1, 4)
+    full = surface(model, batches, [d], [coords], tmp_path / "a.npz", progress=False)
+    saved = dict(np.load(tmp_path / "a.npz"))
+    saved["loss"][2:] = np.nan  # as if interrupted after two points
+    np.savez(tmp_path / "a.npz", **saved)
+    calls = []
+    original = landscape.error_and_loss
+    monkeypatch.setattr(landscape, "error_and_loss", lambda m, b: calls.append(1) or original(m, b))
+    again = surface(model, batches, [d], [coords], tmp_path / "a.npz", progress=False)
+    assert len(calls) == 2
+    np.testing.assert_allclose(again["loss"], full["loss"], rtol=1e-5)
+
+
+def test_lesioning_a_zero_branch_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    block = model.layer2[1]
+    nn.init.zeros_(block.bn2.weight)  # the branch now outputs exactly zero
+    nn.init.zeros_(block.bn2.bias)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        index = model.blocks().index(block)
+        with lesioned(model, [index]):
+            after = model(x)
+    torch.testing.assert_close(after, before)
+    assert index in removable_blocks(model) and 3 not in removable_blocks(model)  # layer2.0 changes shape
+
+
+def test_gradient_norms_match_a_hand_computed_network() -> None:
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x, y = torch.rand(1, 1, 4, 4), torch.tensor([1])
+    ((name, norm),) = conv_grad_norms(model, x, y)
+    with torch.no_grad():  # logits_k = w_k * mean(x); dL/dw_k = (softmax_k - onehot_k) * mean(x)
+        p = (conv.weight.flatten() * x.mean()).softmax(0)
+        expected = ((p - torch.tensor([0.0, 1.0])) * x.mean()).norm().item()
+    assert name == "0" and norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_response_std_matches_a_manual_computation() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    x = torch.randn(6, 3, 32, 32)
+    stds = dict(layer_response_stds(model, [(x, torch.zeros(6, dtype=torch.long))]))
+    assert len(stds) == 18  # two 3x3 layers in each of 9 blocks
+    with torch.no_grad():
+        h = model.act1(model.bn1(model.conv1(x)))
+        manual = model.layer1[0].bn1(model.layer1[0].conv1(h)).double().std(unbiased=False).item()
+    assert stds["layer1.0.bn1"] == pytest.approx(manual, rel=1e-6)
+
+
+def test_path_lengths_are_binomial() -> None:
+    dist = path_lengths(4)
+    assert dist == [1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16] and sum(path_lengths(27)) == pytest.approx(1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A residual and a plain checkpoint, briefly trained on the embedded real digits."""
+    from reslab.config import load_config
+    from reslab.engine import fit
+
+    tmp = tmp_path_factory.mktemp("lab")
+    paths = {}
+    for name in ("resnet20", "plain20"):
+        fit(load_config(overrides={"model": name, "data.limit_train": 512, "data.limit_test": 200, "iters": 24,
+                                   "data.batch_size": 64, "progress": False, "out": str(tmp / name)}))  # fmt: skip
+        paths[name] = str(tmp / name / "last.pt")
+    return tmp, paths
+
+
+def test_degradation_study_end_to_end(tmp_path, capsys) -> None:
+    assert main(["analyze", "degradation", "--depths", "20", "--quick", "--iters", "4", "--out", str(tmp_path),
+                 "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {m["name"] for m in summary["models"]} == {"plain20", "resnet20"}
+    for m in summary["models"]:
+        assert {"name", "depth", "residual", "train_error", "test_error"} <= set(m)
+        assert 0 <= m["train_error"] <= 1 and 0 <= m["test_error"] <= 1
+    assert (tmp_path / "degradation.png").exists() and (tmp_path / "summary.md").exists()
+    assert "plain" in capsys.readouterr().out
+
+
+def test_gradients_study_end_to_end(tmp_path) -> None:
+    assert main(["analyze", "gradients", "--depths", "20", "--steps", "2", "--batch", "16", "--correlation",
+                 "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(
+        m["init_first_last_ratio"] > 0 and m["trained_first_last_ratio"] > 0 for m in summary["models"]
+    )
+    assert (tmp_path / "gradient_norms.png").exists() and (tmp_path / "gradient_correlation.png").exists()
+
+
+def test_responses_landscape_lesion_and_report(trained, tmp_path) -> None:
+    _, paths = trained
+    ckpts = [paths["resnet20"], paths["plain20"]]
+    assert (
+        main(["analyze", "responses", "--checkpoint", *ckpts, "--limit", "64", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    assert len(json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoints"][0]["stds"]) == 18
+    land = ["analyze", "landscape", "--checkpoint", *ckpts, "--grid", "3", "--samples", "32", "--out",
+            str(tmp_path / "l"), "--no-progress"]  # fmt: skip
+    assert main(land) == 0
+    assert (tmp_path / "l" / "landscape_2d.png").exists() and (tmp_path / "l" / "landscape_1d.png").exists()
+    assert main([*land, "--replot"]) == 0
+    assert main(["analyze", "landscape", "--checkpoint", paths["resnet20"], paths["resnet20"], "--interpolate",
+                 "--grid", "3", "--samples", "16", "--mode", "1d", "--out", str(tmp_path / "i"), "--no-progress"]) == 0  # fmt: skip
+    curve = np.load(tmp_path / "i" / "interpolation.npz")
+    assert np.ptp(curve["loss"]) < 1e-5  # interpolating a model with itself changes nothing
+    assert main(["analyze", "lesion", "--checkpoint", *ckpts, "--limit", "64", "--draws", "2", "--max-k", "3",
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 0  # fmt: skip
+    lesion = json.loads((tmp_path / "x" / "summary.json").read_text())["checkpoints"]
+    assert lesion[0]["removable"] == 7 and lesion[0]["k_curve"][-1]["k"] == 3
+    assert main(["analyze", "report", str(tmp_path / "r"), str(tmp_path / "x"), str(trained[0] / "resnet20"),
+                 "--out", str(tmp_path / "report.html")]) == 0  # fmt: skip
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "<table>" in page

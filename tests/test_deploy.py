@@ -1,0 +1,179 @@
+"""Deployment: BN folding for every family, verified exports, int8, benchmarks, the image pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from reslab import ReslabError, create_model, list_models
+from reslab.deploy import fold_batchnorm
+from reslab.models import get_model_entry
+from tests.conftest import shared_data, small_input
+from tests.test_reference import _randomise_norms
+
+FAMILIES = {}
+for _name in list_models():
+    FAMILIES.setdefault(get_model_entry(_name).family, _name)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES.values()))
+def test_fold_batchnorm_is_exact_for_every_family(name: str) -> None:
+    model = _randomise_norms(create_model(name, num_classes=10))
+    x = small_input(name)
+    folded = fold_batchnorm(model)
+    assert type(folded) is type(model) and folded.folded_norms > 0
+    left = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not model.spec.preact:
+        assert not left  # post-activation nets fold every BN
+    else:
+        # each block's input BN-ReLU and the final one stay, except where the input is a conv used only
+        # there (the stem conv of a net whose first block projects its shortcut, as WRN's)
+        assert len(model.blocks()) <= len(left) <= len(model.blocks()) + 1
+    with torch.no_grad():
+        ref = model(x)
+        # float32: rounding differs, relative to the output's scale (untrained deep nets reach ~100)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+        # float64: the folding itself is exact
+        exact = fold_batchnorm(model.double())
+        torch.testing.assert_close(exact(x.double()), model(x.double()), rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def cifar_checkpoint(tmp_path_factory) -> tuple:
+    """A small trained checkpoint with its real-looking test data (a tiny colour folder)."""
+    from reslab.config import load_config
+    from reslab.engine import fit
+    from tests.fakedata import write_folder
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    root = write_folder(tmp / "imgs", size=(32, 32), per_class=16)
+    cfg = load_config(overrides={"model": "resnet20", "data.name": "folder", "data.dir": str(root),
+                                 "data.batch_size": 16, "data.cache_dir": str(tmp / "cache"), "epochs": 2,
+                                 "progress": False, "out": str(tmp / "run")})  # fmt: skip
+    fit(cfg)
+    return tmp / "run" / "last.pt", root
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_export_is_verified_and_carries_metadata(cifar_checkpoint, tmp_path, fmt: str, fold: bool) -> None:
+    from reslab.deploy import real_inputs
+    from reslab.deploy.export import export_model, run_exported
+    from reslab.inference import load_checkpoint
+
+    ckpt, _ = cifar_checkpoint
+    net, meta = load_checkpoint(ckpt)
+    x = real_inputs(meta, None, 7)
+    report = export_model(net, meta, fmt, tmp_path / f"m.{fmt}", fold_bn=fold, verify_inputs=x)
+    assert report["verified_on"] == 7 and report["top1_agreement"] == 1.0  # batch 7 != the example's 2
+    sidecar = json.loads((tmp_path / f"m.{fmt}.json").read_text())
+    assert sidecar["classes"] == ["cat", "dog", "fish"] and sidecar["preprocess"]["size"] == [32, 32]
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+        assert json.loads(props["reslab.classes"]) == ["cat", "dog", "fish"]
+        assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version >= 17
+    assert run_exported(tmp_path / f"m.{fmt}", fmt, x[:1]).shape == (1, 3)
+
+
+def test_fixed_batch_export_and_failed_verification(cifar_checkpoint, tmp_path, monkeypatch) -> None:
+    import reslab.deploy.export as export
+    from reslab.deploy import real_inputs
+    from reslab.inference import load_checkpoint
+
+    net, meta = load_checkpoint(cifar_checkpoint[0])
+    x = real_inputs(meta, None, 4)
+    assert (
+        export.export_model(net, meta, "onnx", tmp_path / "b4.onnx", batch=4, verify_inputs=x)["verified_on"]
+        == 4
+    )
+    original = export.run_exported
+    monkeypatch.setattr(export, "run_exported", lambda *a: original(*a) + 0.5)
+    with pytest.raises(ReslabError, match="verification failed"):
+        export.export_model(net, meta, "torchscript", tmp_path / "bad.pt", verify_inputs=x)
+
+
+def test_export_cli(cifar_checkpoint, tmp_path) -> None:
+    ckpt, _ = cifar_checkpoint
+    out = tmp_path / "cli.onnx"
+    proc = subprocess.run([sys.executable, "-m", "reslab", "export", "--checkpoint", str(ckpt), "--format", "onnx",
+                           "--fold-bn", "--out", str(out), "--json"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["max_abs_diff"] < 1e-3 and out.exists()
+    proc = subprocess.run([sys.executable, "-m", "reslab", "export", "--checkpoint", str(ckpt), "--format", "onnx",
+                           "--batch", "zero"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "--batch 'zero'" in proc.stderr
+
+
+def test_int8_quantization_report(cifar_checkpoint, tmp_path) -> None:
+    from reslab.deploy.quantize import quantize_report
+
+    ckpt, _ = cifar_checkpoint
+    r = quantize_report(str(ckpt), str(tmp_path / "m.int8.onnx"), calib_n=32)
+    assert r["calibration_images"] == 32 and r["test_images"] == 48
+    assert abs(r["int8_top1_err"] - r["fp32_top1_err"]) <= 0.15 and r["top1_agreement"] >= 0.8
+    assert r["bytes"]["int8"] < r["bytes"]["fp32"] / 2
+    assert r["int8_b8"]["img_per_s"] > 0 and "int8_speedup_b1" in r
+
+
+def test_bench_json_contract(capsys) -> None:
+    from reslab.cli import main
+
+    args = ["bench", "resnet18", "--input-size", "64", "--batch", "1,2", "--min-time", "0.05", "--json",
+            "--backends", "torchvision,reslab,reslab-cl-fold,ort-fp32"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in ("torchvision", "reslab", "reslab-cl-fold",
+                                                                          "ort-fp32") for n in (1, 2)}  # fmt: skip
+    for r in rows:
+        assert {"backend", "batch", "img_per_s", "p50_ms", "p90_ms", "peak_fraction"} <= set(r)
+        assert r["img_per_s"] > 0 and r["top1_agree"] == 1.0 and r["vs_torchvision"] > 0
+
+
+def test_pipeline_is_pixel_exact_with_torchvision_eval_transforms() -> None:
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from reslab.data.folder import ImageFiles
+    from reslab.inference import default_preprocess, image_loader, image_transform
+
+    files = sorted(shared_data("imagenet-samples").glob("*.JPEG"))[:40]
+    pre = default_preprocess("resnet50", 3)
+    ours = ImageFiles([(str(f), 0) for f in files], image_transform(pre))
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            assert torch.equal(ours[(i, 0)][0], reference(im.convert("RGB"))), f.name
+    normalised = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    )
+    x, idx = next(iter(image_loader(files[:8], pre, batch_size=8, workers=0)))
+    for j, i in enumerate(idx.tolist()):
+        with Image.open(files[i]) as im:
+            torch.testing.assert_close(x[j], normalised(im.convert("RGB")), rtol=0, atol=2e-6)
+
+
+def test_predict_skips_or_refuses_bad_files(cifar_checkpoint, tmp_path) -> None:
+    ckpt, root = cifar_checkpoint
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in sorted((root / "test" / "cat").iterdir())[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    base = [sys.executable, "-m", "reslab", "predict", "--checkpoint", str(ckpt), str(folder), "--json"]
+    proc = subprocess.run(base, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 3
+    assert "broken.jpg" in proc.stderr and "notes.txt" in proc.stderr
+    proc = subprocess.run([*base, "--strict"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "notes.txt: not an image file" in proc.stderr
+    (folder / "notes.txt").unlink()
+    proc = subprocess.run([*base, "--strict"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "broken.jpg" in proc.stderr and "Traceback" not in proc.stderr

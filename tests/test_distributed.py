@@ -1,0 +1,96 @@
+"""Distributed data parallel on this machine's CPUs: torchrun, gloo, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from reslab.weights import read_file
+
+HELPER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
+TINY = ["data.limit_train=1024", "data.limit_test=200", "data.batch_size=32", "log_every=2", "optim.lr=0.1",
+        "sched.name=cosine", "sched.warmup_iters=3"]  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(
+    nproc: int, *args: str, timeout: float = 300, **popen
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+           "--master-addr=127.0.0.1", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESLAB_DIST_TIMEOUT": "60"}
+    if popen:
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+        )
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_take_the_same_step_as_one_with_twice_the_batch(tmp_path) -> None:
+    one = torchrun(1, HELPER, "step", str(tmp_path / "one.pt"), "8")
+    two = torchrun(2, HELPER, "step", str(tmp_path / "two.pt"), "8")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].dtype.is_floating_point)
+    assert worst < 1e-5, worst
+
+
+def test_evaluation_counts_every_sample_once() -> None:
+    proc = torchrun(2, HELPER, "eval", "11")  # 11 samples: an uneven split
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"n": 11, "confusion_total": 11}
+
+
+def test_two_process_training_then_resume_with_one(tmp_path) -> None:
+    base = ["-m", "reslab", "train", "--no-progress", "--epochs", "3", "--device", "cpu"]
+    single = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one"), *TINY], capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    # Two processes, stopped by Ctrl-C to the whole process group (as a terminal does), mid-run.
+    proc = torchrun(2, *base, "--out", str(tmp_path / "two"), *TINY, "log_every=1", start_new_session=True)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 12):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert "resume with: reslab train --resume" in err, err[-3000:]
+    ckpt = read_file(tmp_path / "two" / "last.pt")
+    assert ckpt["world"] == 2 and 0 < ckpt["state"]["samples"] < 3 * 1024
+    written = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert written.count("metrics.jsonl") == 1 and all(
+        ".tmp" not in name for name in written
+    )  # rank 0 writes
+    done = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "two"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["world"] == 1 and two["epochs"] == 3
+    # Converges like the single-process run (same per-device batch, twice the global batch).
+    assert one["eval_err"] < 0.5 and two["eval_err"] < 0.5
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+
+
+def test_a_failing_rank_ends_the_job(tmp_path) -> None:
+    start = time.time()
+    proc = torchrun(2, HELPER, "fail", "1", "train", "--no-progress", "--epochs", "2", "--device", "cpu", "--out",
+                    str(tmp_path / "f"), *TINY, timeout=240)  # fmt: skip
+    assert proc.returncode != 0
+    assert "simulated failure on rank 1" in proc.stderr
+    assert time.time() - start < 200  # ended, well before a collective timeout would have to fire
