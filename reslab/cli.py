@@ -187,8 +187,6 @@ def _train(p: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         from reslab.config import load_config
-        from reslab.engine import fit
-        from reslab.engine.loop import TrainingInterrupted
 
         overrides = train_overrides(args)
         if args.resume:
@@ -200,18 +198,21 @@ def _train(p: argparse.ArgumentParser) -> Handler:
             cfg = load_config(overrides=overrides)
         else:
             cfg = load_config(args.config, overrides)
-        try:
-            result = fit(cfg, resume=args.resume)
-        except TrainingInterrupted as e:
-            print(f"reslab: {e}", file=sys.stderr)
-            return 130
-        _print_run_result(result)
-        return 0
+        return _fit_and_report(cfg, args.resume)
 
     return run
 
 
-def _print_run_result(result) -> None:
+def _fit_and_report(cfg, resume: str | None = None) -> int:
+    """Train, then say where everything is; an interrupted run exits 130 after saving."""
+    from reslab.engine import fit
+    from reslab.engine.loop import TrainingInterrupted
+
+    try:
+        result = fit(cfg, resume=resume)
+    except TrainingInterrupted as e:
+        print(f"reslab: {e}", file=sys.stderr)
+        return 130
     s = result.summary
     print(
         f"\ndone: {result.eval_split} error {100 * s['eval_err']:.2f}% (top-5 {100 * s['eval_top5_err']:.2f}%) "
@@ -523,8 +524,6 @@ def _finetune(p: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         from reslab.config import parse_override
-        from reslab.engine import fit
-        from reslab.engine.loop import TrainingInterrupted
         from reslab.transfer import finetune_config
 
         overrides = dict(parse_override(item) for item in args.overrides)
@@ -536,13 +535,7 @@ def _finetune(p: argparse.ArgumentParser) -> Handler:
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = finetune_config(args.source, args.data_dir, model=args.model, overrides=overrides)
         print(f"reslab: fine-tuning {cfg.model} from {cfg.finetune.source} on {args.data_dir}")
-        try:
-            result = fit(cfg)
-        except TrainingInterrupted as e:
-            print(f"reslab: {e}", file=sys.stderr)
-            return 130
-        _print_run_result(result)
-        return 0
+        return _fit_and_report(cfg)
 
     return run
 

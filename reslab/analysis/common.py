@@ -48,6 +48,17 @@ def pyplot():
     return plt
 
 
+def finish(fig, path: Path, *axes) -> None:
+    """Grid and legend on ``axes``, then write ``fig`` to ``path`` as PNG and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 @torch.no_grad()
 def error_and_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     model.eval()

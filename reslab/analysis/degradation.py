@@ -12,7 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from reslab.analysis.common import md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import load_config
 from reslab.engine.runlog import read_metrics
 from reslab.models import get_model_entry, list_models
@@ -136,12 +136,8 @@ def _plot(models: list[dict[str, Any]], path: Path) -> None:
                 ax.plot(x, [100 * v for v in y], lw=2.2, color=color, label=f"{m['name']}")
         ax.set_title(("ResNet" if residual else "plain") + " (dashed: train error, bold: test error)")
         ax.set_xlabel("iterations")
-        ax.grid(alpha=0.3)
-        ax.legend()
     axes[0].set_ylabel("error (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, *axes)
 
 
 def _write_csv(models: list[dict[str, Any]], path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reslab.analysis.common import md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
 from reslab.analysis.degradation import twins
 from reslab.data import fixed_batches
 
@@ -131,11 +131,7 @@ def _plot(models: list[dict[str, Any]], path: Path, steps: int) -> None:
         ax.set_xlabel("conv layer (input to output)")
         ax.set_ylabel("gradient norm")
         ax.set_title("at initialisation" if key == "init" else f"after {steps} steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, *axes[0])
 
 
 def _plot_correlation(models: list[dict[str, Any]], path: Path) -> None:
@@ -148,8 +144,4 @@ def _plot_correlation(models: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("distance between inputs (points on a line)")
     ax.set_ylabel("gradient correlation (cosine)")
     ax.set_title("shattered gradients (Balduzzi et al. 2017), at initialisation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, ax)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reslab.analysis.common import error_and_loss, md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import error_and_loss, finish, md_table, pyplot, study_dir, write_summary
 from reslab.data import fixed_batches
 
 
@@ -186,11 +186,7 @@ def _plot(results: list[dict[str, Any]], out: Path, span: float) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("step along a filter-normalised direction")
         ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "landscape_1d.png", dpi=110)
-        plt.close(fig)
+        finish(fig, out / "landscape_1d.png", ax)
     twod = [r for r in results if "2d" in r]
     if twod:
         fig, axes = plt.subplots(1, len(twod), figsize=(5.5 * len(twod), 4.8), squeeze=False)
@@ -203,9 +199,7 @@ def _plot(results: list[dict[str, Any]], out: Path, span: float) -> None:
             ax.set_title(r["label"])
             ax.set_aspect("equal")
         fig.suptitle("training loss around the trained weights (same contour levels)")
-        fig.tight_layout()
-        fig.savefig(out / "landscape_2d.png", dpi=110)
-        plt.close(fig)
+        finish(fig, out / "landscape_2d.png")
 
 
 def _plot_interpolation(curve: dict[str, np.ndarray], path: Path, labels: list[str]) -> None:
@@ -218,7 +212,4 @@ def _plot_interpolation(curve: dict[str, np.ndarray], path: Path, labels: list[s
     ax.set_xlabel(f"t: (1-t) {labels[0]} + t {labels[1]}")
     ax.set_ylabel("training loss")
     ax2.set_ylabel("training error (%)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, ax)

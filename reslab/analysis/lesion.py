@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from reslab.analysis.common import error_and_loss, lesioned, md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import (
+    error_and_loss,
+    finish,
+    lesioned,
+    md_table,
+    pyplot,
+    study_dir,
+    write_summary,
+)
 from reslab.data import fixed_batches
 
 
@@ -114,12 +122,7 @@ def _plot(results: list[dict[str, Any]], out: Path) -> None:
     right.set_xlabel("number of blocks removed at random")
     right.set_ylabel("test error (%)")
     right.set_title("removing k blocks")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "lesion.png", dpi=110)
-    plt.close(fig)
+    finish(fig, out / "lesion.png", left, right)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, r in enumerate(x for x in results if x["residual"]):
         dist = path_lengths(r["blocks"])
@@ -128,7 +131,4 @@ def _plot(results: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlabel("path length (residual branches passed)")
     ax.set_ylabel("share of paths")
     ax.set_title("path lengths: Binomial(n, 1/2)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "path_lengths.png", dpi=110)
-    plt.close(fig)
+    finish(fig, out / "path_lengths.png", ax)

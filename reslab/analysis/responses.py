@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.analysis.common import md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
 from reslab.data import fixed_batches
 
 
@@ -90,8 +90,4 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
         ax.set_ylabel("std")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, top, bottom)
