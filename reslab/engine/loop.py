@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import signal
@@ -394,28 +395,105 @@ def _checkpoint(model, optimizer, scaler, ema, state, cfg, data, meta) -> dict[s
     }
 
 
-def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResult:
-    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says; resume from a run directory if given."""
-    from reslab.data import build_data
-    from reslab.models import create_model
-
-    ctx = dist.setup(cfg.device)
-    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt_path = run_dir / "last.pt"
-        if not ckpt_path.exists():
-            raise ReslabError(f"{run_dir}: no last.pt to resume from")
-        ckpt = read_file(ckpt_path)
-        cfg = load_config(base=ckpt["config"], overrides={"device": cfg.device, "progress": cfg.progress})
-    else:
-        ckpt = None
+def _open_run(
+    cfg: TrainConfig, resume: str | os.PathLike | None
+) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+    """The run's config, directory and (when resuming) checkpoint: a resumed run uses its own config."""
+    if resume is None:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         if (run_dir / "last.pt").exists():
             raise ReslabError(
                 f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
             )
-    torch.manual_seed(cfg.seed + ctx.rank)  # per-rank model randomness (dropout, drop-path)
+        return cfg, run_dir, None
+    run_dir = Path(resume)
+    if not (run_dir / "last.pt").exists():
+        raise ReslabError(f"{run_dir}: no last.pt to resume from")
+    ckpt = read_file(run_dir / "last.pt")
+    cfg = load_config(base=ckpt["config"], overrides={"device": cfg.device, "progress": cfg.progress})
+    return cfg, run_dir, ckpt
+
+
+def _report_data(data, ctx: dist.DistContext) -> None:
+    if not ctx.is_main:
+        return
+    if data.skipped:
+        print(
+            f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
+            file=sys.stderr,
+        )
+    if data.class_counts and min(data.class_counts) * 1.5 < max(data.class_counts):
+        counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts, strict=True))
+        print(f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
+              "so see the per-class accuracy in eval.json", file=sys.stderr)  # fmt: skip
+
+
+def _build_model(
+    cfg: TrainConfig, data, num_classes: int, model_args: dict[str, Any], fresh: bool, epoch: int
+):
+    """The network (pretrained and partly frozen when fine-tuning), and its Freezer if any."""
+    from reslab.models import create_model
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    ft = cfg.finetune
+    if ft is not None and fresh:
+        from reslab.transfer import build_finetune_model, load_source
+
+        if not ft.source:
+            raise ReslabError(
+                "finetune.source is not set: use reslab finetune --from SOURCE (or finetune=null)"
+            )
+        model = build_finetune_model(load_source(ft.source, cfg.model), num_classes, data.in_chans, ft, cfg.model,
+                                     model_args)  # fmt: skip
+    else:
+        model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args)
+    if ft is None:
+        return model, None
+    from reslab.transfer import Freezer, to_frozen_batchnorm
+
+    freezer = Freezer(model, ft)
+    if ft.frozen_bn == "frozen":  # parts that stay frozen for the whole run
+        for _, modules in freezer.parts()[: freezer.trainable_from(10**9)]:
+            for module in modules:
+                to_frozen_batchnorm(module)
+    freezer.apply(epoch)
+    return model, freezer
+
+
+def _restore(ckpt: dict[str, Any], model, optimizer, scaler, ema, world: int, global_batch: int, device
+             ) -> tuple[TrainState, Budget]:  # fmt: skip
+    """Load a checkpoint's model, optimizer, scaler, EMA, RNG and progress into this run."""
+    model.load_state_dict(ckpt["model"])
+    fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("world", 1) != world:  # the learning rate follows this run's global batch
+        for g, (lr, initial) in zip(optimizer.param_groups, fresh_lrs, strict=True):
+            g["lr"], g["initial_lr"] = lr, initial
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.module.load_state_dict(ckpt["ema"])
+    state = TrainState(**ckpt["state"])
+    state.step = state.epoch_samples // global_batch  # this run's batches, when the world size changed
+    _set_rng_state(ckpt["rng"], device)
+    return state, Budget(**ckpt["budget"])
+
+
+def _write_header(run_dir: Path, cfg: TrainConfig, device, world: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
+                f"  cwd {os.getcwd()}; {_code_version()}; torch {torch.__version__}; device {device}; world {world}\n")  # fmt: skip
+
+
+def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says; resume from a run directory if given."""
+    from reslab.data import build_data
+
+    ctx = dist.setup(cfg.device)
+    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
+    cfg, run_dir, ckpt = _open_run(cfg, resume)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -427,38 +505,9 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
     if num_classes != len(data.classes):
         raise ReslabError(f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
                           f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})")  # fmt: skip
-    if data.skipped and ctx.is_main:
-        print(
-            f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
-            file=sys.stderr,
-        )
-    if data.class_counts and ctx.is_main and min(data.class_counts) * 1.5 < max(data.class_counts):
-        counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts))
-        print(f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
-              "so see the per-class accuracy in eval.json", file=sys.stderr)  # fmt: skip
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if cfg.finetune is not None and ckpt is None:
-        from reslab.transfer import build_finetune_model, load_source
-
-        if not cfg.finetune.source:
-            raise ReslabError(
-                "finetune.source is not set: use reslab finetune --from SOURCE (or finetune=null)"
-            )
-        model = build_finetune_model(load_source(cfg.finetune.source, cfg.model), num_classes, data.in_chans,
-                                     cfg.finetune, cfg.model, model_args)  # fmt: skip
-    else:
-        model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args)
-    freezer = None
-    if cfg.finetune is not None:
-        from reslab.transfer import Freezer, to_frozen_batchnorm
-
-        freezer = Freezer(model, cfg.finetune)
-        if cfg.finetune.frozen_bn == "frozen":  # parts that stay frozen for the whole run
-            never = freezer.trainable_from(10**9)
-            for _, modules in freezer.parts()[:never]:
-                for module in modules:
-                    to_frozen_batchnorm(module)
-        freezer.apply(ckpt["state"]["epoch"] if ckpt is not None else 0)
+    _report_data(data, ctx)
+    model, freezer = _build_model(cfg, data, num_classes, model_args, ckpt is None,
+                                  ckpt["state"]["epoch"] if ckpt else 0)  # fmt: skip
     model = model.to(device)
     if cfg.sync_bn and ctx.world > 1:
         if device.type != "cuda":
@@ -467,7 +516,8 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(cfg.seed + ctx.rank)
+    torch.manual_seed(cfg.seed + ctx.rank)  # per-rank randomness (dropout, drop-path)
+
     global_batch = cfg.data.batch_size * ctx.world
     lr_scale = global_batch / 256 if cfg.optim.lr_scaling == "linear" else 1.0
     groups = None
@@ -484,21 +534,7 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
     budget = Budget(cfg.iters or math.ceil((cfg.epochs or 1) * steps_per_epoch), global_batch)
     state = TrainState()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("world", 1) != ctx.world:  # the learning rate follows this run's global batch
-            for g, (lr, initial) in zip(optimizer.param_groups, fresh_lrs, strict=True):
-                g["lr"], g["initial_lr"] = lr, initial
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.module.load_state_dict(ckpt["ema"])
-        state = TrainState(**ckpt["state"])
-        state.step = state.epoch_samples // global_batch  # this run's batches, when the world size changed
-        budget = Budget(**ckpt["budget"]) if "budget" in ckpt else budget
-        _set_rng_state(ckpt["rng"], device)
-    total_iters = budget.total_iters
+        state, budget = _restore(ckpt, model, optimizer, scaler, ema, ctx.world, global_batch, device)
     total_epochs = math.ceil(budget.total_iters * budget.global_batch / (steps_per_epoch * global_batch))
     train_model = dist.wrap(model, ctx)
     if cfg.compile:
@@ -508,19 +544,14 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
             "classes": data.classes, "preprocess": data.preprocess, "budget": budget.__dict__, "world": ctx.world}  # fmt: skip
     log = None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        with open(run_dir / "command.txt", "a") as f:
-            f.write(f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
-                    f"  cwd {os.getcwd()}; {_code_version()}; torch {torch.__version__}; device {device}; "
-                    f"world {ctx.world}\n")  # fmt: skip
+        _write_header(run_dir, cfg, device, ctx.world)
         log = RunLog(run_dir)
         if ckpt is not None:
             log.truncate_after(state.iteration)
         _warn_small_batch(model, cfg.data.batch_size)
         print(f"reslab: training {cfg.model} on {data.name} ({data.train.num_samples * ctx.world} train / "
               f"{data.eval.num_samples * ctx.world} {data.eval_split} images, {len(data.classes)} classes) for "
-              f"{total_iters} iterations ({total_epochs} epochs) on {device}"
+              f"{budget.total_iters} iterations ({total_epochs} epochs) on {device}"
               + (f" x {ctx.world} processes" if ctx.world > 1 else "") + f"; run directory {run_dir}")  # fmt: skip
 
     def save(name: str) -> None:
@@ -561,17 +592,22 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
                     save("last.pt")
                     raise TrainingInterrupted(
                         f"interrupted at epoch {state.epoch + (0 if finished_epoch else 1)}, iteration "
-                        f"{state.iteration}/{total_iters}: saved {run_dir / 'last.pt'}; resume with: "
+                        f"{state.iteration}/{budget.total_iters}: saved {run_dir / 'last.pt'}; resume with: "
                         f"reslab train --resume {run_dir}"
                     )
     finally:
         if log is not None:
             log.close()
-    seconds = time.perf_counter() - t0
     if last_eval is None or last_row.get("iteration") != state.iteration:  # e.g. a finished run resumed
         last_eval = evaluate(model, data.eval, device, cfg.amp)
         last_row = {**last_row, "eval_err": last_eval["err"], "eval_loss": last_eval["loss"],
                     "eval_top5_err": last_eval["top5_err"], "train_err": last_row.get("train_err", math.nan)}  # fmt: skip
+    return _finish(run_dir, cfg, data, state, last_row, last_eval, device, ctx, time.perf_counter() - t0)
+
+
+def _finish(run_dir: Path, cfg: TrainConfig, data, state: TrainState, last_row: dict[str, Any],
+            last_eval: dict[str, Any], device, ctx: dist.DistContext, seconds: float) -> RunResult:  # fmt: skip
+    """The final evaluation report, summary.json and the curves."""
     from reslab.inference import eval_report
 
     report = eval_report(last_eval, data.classes, run_dir if ctx.is_main else None,
@@ -583,7 +619,7 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
                "train_seconds": state.sums.get("total_time", seconds), "device": str(device), "world": ctx.world,
                "per_class_acc": report["per_class_acc"], "confusion_png": report.get("confusion_png")}  # fmt: skip
     if ctx.is_main:
-        (run_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
     return RunResult(run_dir, last_row["eval_err"], last_row["eval_loss"], data.eval_split, state.iteration,
                      last_row["train_err"], seconds, state.best_err, summary)  # fmt: skip
