@@ -67,8 +67,12 @@ def main() -> None:
                 lambda: (x for x, _ in image_loader(files, pre, args.batch, args.workers, draft=True))
             )
     exact_max_diff = (ours - ref).abs().max().item()
-    results.update(images=len(files), workers=args.workers, ratio=results["reslab_img_s"] / results["reference_img_s"],
-                   max_abs_diff_vs_reference=exact_max_diff)  # fmt: skip
+    results.update(
+        images=len(files),
+        workers=args.workers,
+        ratio=results["reslab_img_s"] / results["reference_img_s"],
+        max_abs_diff_vs_reference=exact_max_diff,
+    )
     print(
         f"{len(files)} JPEGs, {args.workers} workers: reference {results['reference_img_s']:.1f} img/s, "
         f"reslab {results['reslab_img_s']:.1f} img/s ({results['ratio']:.2f}x), max |diff| {exact_max_diff:.2e}"

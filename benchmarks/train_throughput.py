@@ -57,11 +57,18 @@ def reference_img_s(name: str, root: Path, iters: int, workers: int) -> float:
     import torchvision
     from torchvision import transforms as T
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])  # fmt: skip
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ]
+    )
     ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True, num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=128, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
     model = create_model(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     model.train()
@@ -81,8 +88,18 @@ def reference_img_s(name: str, root: Path, iters: int, workers: int) -> float:
 
 def reslab_img_s(name: str, root: Path, iters: int, compile: bool) -> float:
     warm = 10 if compile else 5
-    cfg = load_config("cifar10_paper", {"model": name, "data.name": "folder", "data.dir": str(root), "progress": False,
-                                        "compile": compile, "iters": warm + iters, "log_every": 10**6})  # fmt: skip
+    cfg = load_config(
+        "cifar10_paper",
+        {
+            "model": name,
+            "data.name": "folder",
+            "data.dir": str(root),
+            "progress": False,
+            "compile": compile,
+            "iters": warm + iters,
+            "log_every": 10**6,
+        },
+    )
     data = build_data(cfg.data, seed=0, channels_last=cfg.channels_last, progress=False)
     model = create_model(name).to(memory_format=torch.channels_last)
     train_model = torch.compile(model) if compile else model
@@ -121,9 +138,16 @@ def main() -> None:
             ours["compiled"] = reslab_img_s(name, root, args.iters, compile=True)
         best_path = max(ours, key=ours.get)
         best = ours[best_path]
-        results[name] = {"reslab_img_s": best, "reslab_path": best_path, "reslab_paths": ours, "reference_img_s": ref,
-                         "ratio": best / ref, "gflops_per_s": best * flops / 1e9,
-                         "peak_fraction": best * flops / 1e9 / peak, "train_gflop_per_img": flops / 1e9}  # fmt: skip
+        results[name] = {
+            "reslab_img_s": best,
+            "reslab_path": best_path,
+            "reslab_paths": ours,
+            "reference_img_s": ref,
+            "ratio": best / ref,
+            "gflops_per_s": best * flops / 1e9,
+            "peak_fraction": best * flops / 1e9 / peak,
+            "train_gflop_per_img": flops / 1e9,
+        }
         r = results[name]
         print(
             f"{name:10s} reference {ref:7.1f} img/s | reslab {best:7.1f} img/s ({best_path}) | ratio {r['ratio']:.2f}x "

@@ -60,8 +60,18 @@ def main() -> None:
     source = out / "source"
     t0 = time.perf_counter()
     if not (source / "summary.json").exists():
-        fit(load_config("cifar10_fast", {"data.name": "folder", "data.dir": str(cifar), "data.classes": SOURCE_CLASSES,
-                                         "epochs": args.pretrain_epochs, "out": str(source)}))  # fmt: skip
+        fit(
+            load_config(
+                "cifar10_fast",
+                {
+                    "data.name": "folder",
+                    "data.dir": str(cifar),
+                    "data.classes": SOURCE_CLASSES,
+                    "epochs": args.pretrain_epochs,
+                    "out": str(source),
+                },
+            )
+        )
     pretrain_s = time.perf_counter() - t0
     source_err = json.loads((source / "summary.json").read_text())["eval_err"]
     target = build_target(cifar, out / "target", args.per_class, args.seed)
@@ -88,8 +98,10 @@ def main() -> None:
             overrides={**common, "finetune.unfreeze_at": [f"{args.epochs // 3}:2"], "out": o},
         ),
     }
-    results = {"source": {"classes": SOURCE_CLASSES, "test_error_8_classes": source_err, "seconds": pretrain_s},
-               "target": {"classes": TARGET_CLASSES, "train_images": 2 * args.per_class, "test_images": 2000}}  # fmt: skip
+    results = {
+        "source": {"classes": SOURCE_CLASSES, "test_error_8_classes": source_err, "seconds": pretrain_s},
+        "target": {"classes": TARGET_CLASSES, "train_images": 2 * args.per_class, "test_images": 2000},
+    }
     for name, make in methods.items():
         run_dir = out / name
         if not (run_dir / "summary.json").exists():

@@ -160,10 +160,25 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-_FLAG_KEYS = {"model": "model", "data": "data.name", "data_dir": "data.dir", "download": "data.download",
-              "val_split": "data.val_split", "epochs": "epochs", "iters": "iters", "batch_size": "data.batch_size",
-              "lr": "optim.lr", "seed": "seed", "out": "out", "device": "device", "amp": "amp",
-              "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn", "progress": "progress"}  # fmt: skip
+_FLAG_KEYS = {
+    "model": "model",
+    "data": "data.name",
+    "data_dir": "data.dir",
+    "download": "data.download",
+    "val_split": "data.val_split",
+    "epochs": "epochs",
+    "iters": "iters",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "seed": "seed",
+    "out": "out",
+    "device": "device",
+    "amp": "amp",
+    "channels_last": "channels_last",
+    "compile": "compile",
+    "sync_bn": "sync_bn",
+    "progress": "progress",
+}
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,8 +265,15 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
             if args.out
             else first.parent / f"eval-{first.stem}{'-ensemble' if len(args.checkpoint) > 1 else ''}"
         )
-        report = evaluate_checkpoints(args.checkpoint, data=args.data, data_dir=args.data_dir, model=args.model,
-                                      device=args.device, out_dir=out, tta=args.tta)  # fmt: skip
+        report = evaluate_checkpoints(
+            args.checkpoint,
+            data=args.data,
+            data_dir=args.data_dir,
+            model=args.model,
+            device=args.device,
+            out_dir=out,
+            tta=args.tta,
+        )
         if args.json:
             print(json.dumps(report, indent=1))
             return 0
@@ -259,9 +281,11 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
             for m in report["members"]:
                 print(f"member {m['checkpoint']} ({m['arch']}): top-1 error {100 * m['err']:.2f}%")
         label = "ensemble" if len(report["members"]) > 1 else report["arch"]
-        print(f"{label} on {report['data']} {report['split']} ({report['n']} images"
-              f"{', ' + args.tta + ' TTA' if args.tta else ''}): top-1 error {100 * report['top1_err']:.2f}%, "
-              f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}")  # fmt: skip
+        print(
+            f"{label} on {report['data']} {report['split']} ({report['n']} images"
+            f"{', ' + args.tta + ' TTA' if args.tta else ''}): top-1 error {100 * report['top1_err']:.2f}%, "
+            f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}"
+        )
         rows = [{"cls": c, "acc": f"{100 * a:.1f}%"} for c, a in report["per_class_acc"].items()]
         print(format_table(rows, [("cls", "class"), ("acc", "accuracy")]))
         print(f"confusion matrix: {report['confusion_png']}")
@@ -379,8 +403,15 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         batch = args.batch if args.batch == "dynamic" else _positive_int(args.batch, "--batch")
         net, meta = load_checkpoint(args.checkpoint, args.model)
         out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format]))
-        report = export_model(net, meta, args.format, out, batch=batch, fold_bn=args.fold_bn,
-                              verify_inputs=real_inputs(meta, args.images, 16))  # fmt: skip
+        report = export_model(
+            net,
+            meta,
+            args.format,
+            out,
+            batch=batch,
+            fold_bn=args.fold_bn,
+            verify_inputs=real_inputs(meta, args.images, 16),
+        )
         if args.json:
             print(json.dumps(report, indent=1))
         else:
@@ -388,8 +419,10 @@ def _export(p: argparse.ArgumentParser) -> Handler:
                 f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {batch}"
                 f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
             )
-            print(f"verified on {report['verified_on']} real images: max abs diff {report['max_abs_diff']:.2e}, "
-                  f"top-1 agreement {100 * report['top1_agreement']:.1f}%")  # fmt: skip
+            print(
+                f"verified on {report['verified_on']} real images: max abs diff {report['max_abs_diff']:.2e}, "
+                f"top-1 agreement {100 * report['top1_agreement']:.1f}%"
+            )
         return 0
 
     return run
@@ -466,8 +499,15 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
 
         batches = tuple(_positive_int(b, "--batch") for b in args.batch.split(","))
         say = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
-        result = bench(args.target, batches=batches, input_size=args.input_size, device=args.device,
-                       backends=tuple(args.backends.split(",")), min_time=args.min_time, progress=say)  # fmt: skip
+        result = bench(
+            args.target,
+            batches=batches,
+            input_size=args.input_size,
+            device=args.device,
+            backends=tuple(args.backends.split(",")),
+            min_time=args.min_time,
+            progress=say,
+        )
         if args.json:
             print(json.dumps(result["rows"], indent=1))
             return 0
@@ -476,13 +516,35 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
             f"({result['threads']} threads); fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s; "
             f"{result['gflops_per_image']:.2f} GFLOP per image"
         )
-        rows = [{**r, "ips": f"{r['img_per_s']:.1f}", "p50": f"{r['p50_ms']:.1f}", "p90": f"{r['p90_ms']:.1f}",
-                 "spread": f"{r['spread_pct']:.0f}%", "gf": f"{r['gflops_per_s']:.0f}",
-                 "peak": f"{100 * r['peak_fraction']:.0f}%",
-                 "ratio": f"{r['vs_torchvision']:.2f}x" if r["vs_torchvision"] else "-"} for r in result["rows"]]  # fmt: skip
-        print(format_table(rows, [("backend", "backend"), ("batch", "batch"), ("ips", "img/s"), ("p50", "p50 ms"),
-                                  ("p90", "p90 ms"), ("spread", "p90/p50"), ("gf", "GFLOP/s"), ("peak", "of peak"),
-                                  ("ratio", "vs torchvision")]))  # fmt: skip
+        rows = [
+            {
+                **r,
+                "ips": f"{r['img_per_s']:.1f}",
+                "p50": f"{r['p50_ms']:.1f}",
+                "p90": f"{r['p90_ms']:.1f}",
+                "spread": f"{r['spread_pct']:.0f}%",
+                "gf": f"{r['gflops_per_s']:.0f}",
+                "peak": f"{100 * r['peak_fraction']:.0f}%",
+                "ratio": f"{r['vs_torchvision']:.2f}x" if r["vs_torchvision"] else "-",
+            }
+            for r in result["rows"]
+        ]
+        print(
+            format_table(
+                rows,
+                [
+                    ("backend", "backend"),
+                    ("batch", "batch"),
+                    ("ips", "img/s"),
+                    ("p50", "p50 ms"),
+                    ("p90", "p90 ms"),
+                    ("spread", "p90/p50"),
+                    ("gf", "GFLOP/s"),
+                    ("peak", "of peak"),
+                    ("ratio", "vs torchvision"),
+                ],
+            )
+        )
         return 0
 
     return run
@@ -492,8 +554,13 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
     "finetune", "fine-tune pretrained weights on a folder of images: new head, frozen and unfrozen stages"
 )
 def _finetune(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                   help="a reslab checkpoint, a weights file (with --model), or torchvision:resnet50.IMAGENET1K_V2")  # fmt: skip
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="SOURCE",
+        help="a reslab checkpoint, a weights file (with --model), or torchvision:resnet50.IMAGENET1K_V2",
+    )
     p.add_argument(
         "--data-dir",
         required=True,
@@ -527,11 +594,21 @@ def _finetune(p: argparse.ArgumentParser) -> Handler:
         from reslab.transfer import finetune_config
 
         overrides = dict(parse_override(item) for item in args.overrides)
-        flags = {"finetune.freeze": args.freeze, "finetune.unfreeze_at": args.unfreeze_at,
-                 "finetune.head_lr": args.head_lr, "finetune.base_lr": args.base_lr,
-                 "finetune.frozen_bn": "frozen" if args.frozen_bn else None, "finetune.in_chans_mode": args.in_chans_mode,
-                 "epochs": args.epochs, "data.batch_size": args.batch_size, "data.val_split": args.val_split,
-                 "seed": args.seed, "out": args.out, "device": args.device, "progress": args.progress}  # fmt: skip
+        flags = {
+            "finetune.freeze": args.freeze,
+            "finetune.unfreeze_at": args.unfreeze_at,
+            "finetune.head_lr": args.head_lr,
+            "finetune.base_lr": args.base_lr,
+            "finetune.frozen_bn": "frozen" if args.frozen_bn else None,
+            "finetune.in_chans_mode": args.in_chans_mode,
+            "epochs": args.epochs,
+            "data.batch_size": args.batch_size,
+            "data.val_split": args.val_split,
+            "seed": args.seed,
+            "out": args.out,
+            "device": args.device,
+            "progress": args.progress,
+        }
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = finetune_config(args.source, args.data_dir, model=args.model, overrides=overrides)
         print(f"reslab: fine-tuning {cfg.model} from {cfg.finetune.source} on {args.data_dir}")
@@ -612,24 +689,59 @@ def _analyze(p: argparse.ArgumentParser) -> Handler:
             return 0
         common = {"out": args.out}
         if args.study == "degradation":
-            result = analysis.degradation.run(_int_list(args.depths), quick=args.quick, recipe=args.config,
-                                              data=args.data, data_dir=args.data_dir, iters=args.iters,
-                                              seed=args.seed, progress=args.progress, device=args.device, **common)  # fmt: skip
+            result = analysis.degradation.run(
+                _int_list(args.depths),
+                quick=args.quick,
+                recipe=args.config,
+                data=args.data,
+                data_dir=args.data_dir,
+                iters=args.iters,
+                seed=args.seed,
+                progress=args.progress,
+                device=args.device,
+                **common,
+            )
         elif args.study == "gradients":
-            result = analysis.gradients.run(_int_list(args.depths), steps=args.steps, batch=args.batch,
-                                            data=args.data, data_dir=args.data_dir, correlation=args.correlation,
-                                            seed=args.seed, progress=args.progress, **common)  # fmt: skip
+            result = analysis.gradients.run(
+                _int_list(args.depths),
+                steps=args.steps,
+                batch=args.batch,
+                data=args.data,
+                data_dir=args.data_dir,
+                correlation=args.correlation,
+                seed=args.seed,
+                progress=args.progress,
+                **common,
+            )
         elif args.study == "responses":
-            result = analysis.responses.run(args.checkpoint, limit=args.limit, data=args.data, data_dir=args.data_dir,
-                                            **common)  # fmt: skip
+            result = analysis.responses.run(
+                args.checkpoint, limit=args.limit, data=args.data, data_dir=args.data_dir, **common
+            )
         elif args.study == "landscape":
-            result = analysis.landscape.run(args.checkpoint, grid=args.grid, span=args.span, samples=args.samples,
-                                            mode=args.mode, interpolate=args.interpolate, replot=args.replot,
-                                            seed=args.seed, progress=args.progress, **common)  # fmt: skip
+            result = analysis.landscape.run(
+                args.checkpoint,
+                grid=args.grid,
+                span=args.span,
+                samples=args.samples,
+                mode=args.mode,
+                interpolate=args.interpolate,
+                replot=args.replot,
+                seed=args.seed,
+                progress=args.progress,
+                **common,
+            )
         else:
-            result = analysis.lesion.run(args.checkpoint, limit=args.limit, draws=args.draws, max_k=args.max_k,
-                                         seed=args.seed, data=args.data, data_dir=args.data_dir,
-                                         progress=args.progress, **common)  # fmt: skip
+            result = analysis.lesion.run(
+                args.checkpoint,
+                limit=args.limit,
+                draws=args.draws,
+                max_k=args.max_k,
+                seed=args.seed,
+                data=args.data,
+                data_dir=args.data_dir,
+                progress=args.progress,
+                **common,
+            )
         print(Path(result["out"], "summary.md").read_text())
         print(f"study folder: {result['out']}")
         return 0

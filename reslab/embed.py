@@ -19,8 +19,13 @@ from reslab.inference import image_loader, list_images, load_checkpoint
 
 
 @torch.no_grad()
-def embed_files(net: torch.nn.Module, preprocess: dict[str, Any], files: list[Path], batch_size: int = 64,
-                progress: bool = True) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+def embed_files(
+    net: torch.nn.Module,
+    preprocess: dict[str, Any],
+    files: list[Path],
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str]]:
     """Unit-length pre-logits features of each readable image, and the files they belong to."""
     from tqdm import tqdm
 
@@ -45,15 +50,27 @@ def _index_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".npy"), path.with_suffix(".json")
 
 
-def build_index(checkpoint: str, inputs: list[str], out: str | Path, *, model: str | None = None, device="cpu",
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def build_index(
+    checkpoint: str,
+    inputs: list[str],
+    out: str | Path,
+    *,
+    model: str | None = None,
+    device="cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     net, meta = load_checkpoint(checkpoint, model, device)
     emb, files = embed_files(net, meta["preprocess"], list_images(inputs), progress=progress)
     npy, sidecar = _index_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, emb)
-    info = {"files": files, "checkpoint": str(Path(checkpoint).resolve()), "arch": meta["arch"], "dim": emb.shape[1],
-            "model": model}  # fmt: skip
+    info = {
+        "files": files,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "arch": meta["arch"],
+        "dim": emb.shape[1],
+        "model": model,
+    }
     sidecar.write_text(json.dumps(info, indent=1))
     return {"embeddings": str(npy), "files": str(sidecar), "count": len(files), "dim": emb.shape[1]}
 
@@ -70,6 +87,10 @@ def search(index: str | Path, queries: list[str], topk: int = 5, device="cpu") -
     sims = torch.from_numpy(q) @ emb.T
     k = min(topk, emb.shape[0])
     best = sims.topk(k, dim=1)
-    return [{"query": f, "matches": [{"file": info["files"][i], "similarity": s}
-                                     for s, i in zip(vals, idx, strict=True)]}
-            for f, vals, idx in zip(qfiles, best.values.tolist(), best.indices.tolist(), strict=True)]  # fmt: skip
+    return [
+        {
+            "query": f,
+            "matches": [{"file": info["files"][i], "similarity": s} for s, i in zip(vals, idx, strict=True)],
+        }
+        for f, vals, idx in zip(qfiles, best.values.tolist(), best.indices.tolist(), strict=True)
+    ]

@@ -15,8 +15,9 @@ from reslab.errors import ReslabError
 from reslab.weights import extract_state_dict, load_weights, read_file
 
 
-def load_checkpoint(path: str | os.PathLike, model: str | None = None, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+def load_checkpoint(
+    path: str | os.PathLike, model: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """A model ready for inference and its metadata (classes, preprocessing, config).
 
     reslab checkpoints carry their architecture; a bare state dict (torchvision, timm, ...) needs
@@ -108,8 +109,9 @@ def combine(log_probs: list[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(torch.stack(log_probs), 0) - torch.log(torch.tensor(float(len(log_probs))))
 
 
-def load_members(paths: list[str], model: str | None, device: torch.device, tta: str | None = None, pad: int = 4
-                 ) -> tuple[list[nn.Module], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+def load_members(
+    paths: list[str], model: str | None, device: torch.device, tta: str | None = None, pad: int = 4
+) -> tuple[list[nn.Module], list[dict[str, Any]], dict[str, Any]]:
     """Checkpoints as models that take [0, 1] inputs, their metadata, and the shared raw preprocessing.
 
     Members may differ in architecture and normalisation, not in classes or input geometry.
@@ -152,10 +154,21 @@ def default_preprocess(arch: str, in_chans: int) -> dict[str, Any]:
 
     size = list(get_model_entry(arch).spec.input_size[-2:])
     if size[0] >= 128:
-        return {"kind": "imagenet", "size": size, "resize": round(size[0] * 256 / 224), "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "channels": in_chans}  # fmt: skip
-    return {"kind": "resize", "size": size, "mean": [0.4914, 0.4822, 0.4465][:in_chans],
-            "std": [0.2470, 0.2435, 0.2616][:in_chans], "channels": in_chans}  # fmt: skip
+        return {
+            "kind": "imagenet",
+            "size": size,
+            "resize": round(size[0] * 256 / 224),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "channels": in_chans,
+        }
+    return {
+        "kind": "resize",
+        "size": size,
+        "mean": [0.4914, 0.4822, 0.4465][:in_chans],
+        "std": [0.2470, 0.2435, 0.2616][:in_chans],
+        "channels": in_chans,
+    }
 
 
 def image_transform(preprocess: dict[str, Any]):
@@ -213,15 +226,31 @@ def image_loader(
 
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     draft_size = preprocess.get("resize") if draft and preprocess["kind"] == "imagenet" else None
-    return FolderLoader([(str(f), i) for i, f in enumerate(files)], image_transform(preprocess), batch_size=batch_size,
-                        train=False, channels=preprocess["channels"], workers=workers if len(files) > batch_size else 0,
-                        mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), device=device, strict=strict,
-                        draft=draft_size)  # fmt: skip
+    return FolderLoader(
+        [(str(f), i) for i, f in enumerate(files)],
+        image_transform(preprocess),
+        batch_size=batch_size,
+        train=False,
+        channels=preprocess["channels"],
+        workers=workers if len(files) > batch_size else 0,
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+        device=device,
+        strict=strict,
+        draft=draft_size,
+    )
 
 
 @torch.no_grad()
-def predict(nets: list[nn.Module], classes: list[str], raw: dict[str, Any], files: list[Path], topk: int = 5,
-            batch_size: int = 64, strict: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+def predict(
+    nets: list[nn.Module],
+    classes: list[str],
+    raw: dict[str, Any],
+    files: list[Path],
+    topk: int = 5,
+    batch_size: int = 64,
+    strict: bool = False,
+) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image (the mean softmax over several models)."""
     device = next(nets[0].parameters()).device
     ensemble = Ensemble(nets).eval()
@@ -230,8 +259,14 @@ def predict(nets: list[nn.Module], classes: list[str], raw: dict[str, Any], file
     for x, idx in image_loader(files, raw, batch_size, device=device, strict=strict):
         p, top = ensemble(x).exp().topk(k, dim=1)
         for i, pi, ti in zip(idx.tolist(), p.tolist(), top.tolist(), strict=True):
-            results.append({"file": str(files[i]), "top": [{"class": classes[c], "index": c, "prob": q}
-                                                          for c, q in zip(ti, pi, strict=True)]})  # fmt: skip
+            results.append(
+                {
+                    "file": str(files[i]),
+                    "top": [
+                        {"class": classes[c], "index": c, "prob": q} for c, q in zip(ti, pi, strict=True)
+                    ],
+                }
+            )
     return results
 
 
@@ -271,10 +306,23 @@ def evaluate_checkpoints(
     names = " + ".join(m["arch"] for m in metas)
     title = f"{names} on {cfg.name} {d.eval_split}{f' ({tta} TTA)' if tta else ''}: {100 * result['err']:.2f}% error"
     report = eval_report(result, classes, out_dir, title)
-    members = [{"checkpoint": m["path"], "arch": m["arch"], **{k: v for k, v in s.result().items() if k != "confusion"}}
-               for m, s in zip(metas, member_stats, strict=True)]  # fmt: skip
-    return {"checkpoints": list(map(str, paths)), "arch": names, "data": cfg.name, "split": d.eval_split,
-            "tta": tta, **report, "members": members}  # fmt: skip
+    members = [
+        {
+            "checkpoint": m["path"],
+            "arch": m["arch"],
+            **{k: v for k, v in s.result().items() if k != "confusion"},
+        }
+        for m, s in zip(metas, member_stats, strict=True)
+    ]
+    return {
+        "checkpoints": list(map(str, paths)),
+        "arch": names,
+        "data": cfg.name,
+        "split": d.eval_split,
+        "tta": tta,
+        **report,
+        "members": members,
+    }
 
 
 def eval_report(
@@ -283,8 +331,13 @@ def eval_report(
     """Per-class accuracy and a confusion-matrix PNG from :func:`reslab.engine.evaluate`'s result."""
     confusion = result["confusion"].double()
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    report = {"top1_err": result["err"], "top5_err": result["top5_err"], "loss": result["loss"], "n": result["n"],
-              "per_class_acc": dict(zip(classes, per_class, strict=True))}  # fmt: skip
+    report = {
+        "top1_err": result["err"],
+        "top5_err": result["top5_err"],
+        "loss": result["loss"],
+        "n": result["n"],
+        "per_class_acc": dict(zip(classes, per_class, strict=True)),
+    }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         report["confusion_png"] = str(
@@ -311,8 +364,15 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, titl
         for i in range(k):
             for j in range(k):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (row-normalised colours, counts in cells)")

@@ -51,13 +51,27 @@ def torchvision_weights(spec: str) -> Pretrained:
         try:
             torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
         except Exception as e:
-            raise ReslabError(f"torchvision:{spec}: weights not cached and the download failed ({type(e).__name__}); "
-                              f"download {weights.url} and place it at {cached}") from None  # fmt: skip
+            raise ReslabError(
+                f"torchvision:{spec}: weights not cached and the download failed ({type(e).__name__}); "
+                f"download {weights.url} and place it at {cached}"
+            ) from None
     t = weights.transforms()
-    preprocess = {"kind": "imagenet", "size": [t.crop_size[0]] * 2, "resize": t.resize_size[0], "mean": list(t.mean),
-                  "std": list(t.std), "channels": 3}  # fmt: skip
-    return Pretrained(arch, extract_state_dict(read_file(cached), source=str(cached)), preprocess,
-                      list(weights.meta.get("categories") or []), {}, f"torchvision:{arch}.{weights.name}")  # fmt: skip
+    preprocess = {
+        "kind": "imagenet",
+        "size": [t.crop_size[0]] * 2,
+        "resize": t.resize_size[0],
+        "mean": list(t.mean),
+        "std": list(t.std),
+        "channels": 3,
+    }
+    return Pretrained(
+        arch,
+        extract_state_dict(read_file(cached), source=str(cached)),
+        preprocess,
+        list(weights.meta.get("categories") or []),
+        {},
+        f"torchvision:{arch}.{weights.name}",
+    )
 
 
 def load_source(source: str, model: str | None = None) -> Pretrained:
@@ -67,12 +81,19 @@ def load_source(source: str, model: str | None = None) -> Pretrained:
     arch = obj.get("arch") or model
     if arch is None:
         raise ReslabError(f"{source}: a bare state dict does not say which model it is; pass --model NAME")
-    return Pretrained(arch, extract_state_dict(obj, source=source), obj.get("preprocess"), obj.get("classes"),
-                      dict(obj.get("model_args") or {}), str(source))  # fmt: skip
+    return Pretrained(
+        arch,
+        extract_state_dict(obj, source=source),
+        obj.get("preprocess"),
+        obj.get("classes"),
+        dict(obj.get("model_args") or {}),
+        str(source),
+    )
 
 
-def finetune_config(source: str, data_dir: str, *, model: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> TrainConfig:  # fmt: skip
+def finetune_config(
+    source: str, data_dir: str, *, model: str | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """The training config of a fine-tuning run: the ``finetune`` recipe, the source's architecture
     and preprocessing, a 20% validation split when the folder has none, then ``overrides``."""
     from reslab.config import load_config
@@ -111,8 +132,14 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "auto") ->
     return weight.repeat(1, reps, *[1] * (weight.ndim - 2))[:, :in_chans] * (have / in_chans)
 
 
-def build_finetune_model(pre: Pretrained, num_classes: int, in_chans: int, ft: FinetuneConfig, model: str | None,
-                         model_args: dict[str, Any]) -> ResNet:  # fmt: skip
+def build_finetune_model(
+    pre: Pretrained,
+    num_classes: int,
+    in_chans: int,
+    ft: FinetuneConfig,
+    model: str | None,
+    model_args: dict[str, Any],
+) -> ResNet:
     """The pretrained network with a fresh head for ``num_classes`` and its first conv adapted."""
     from reslab.models import create_model
 
@@ -188,8 +215,11 @@ class Freezer:
         """(name, modules) from the input side: the stem, each stage, then the final norm and head."""
         m = self.model
         tail = [x for x in (m.norm, m.fc) if x is not None]
-        return [("stem", [getattr(m, s) for s in m.stem_names])] + [(s, [getattr(m, s)]) for s in m.stage_names] + [
-            ("head", tail)]  # fmt: skip
+        return (
+            [("stem", [getattr(m, s) for s in m.stem_names])]
+            + [(s, [getattr(m, s)]) for s in m.stage_names]
+            + [("head", tail)]
+        )
 
     def trainable_from(self, epoch: int) -> int:
         """Index into parts() of the first trainable part at ``epoch`` (0-based)."""
@@ -222,8 +252,14 @@ class Freezer:
         for name, modules in self.parts():
             params = [p for module in modules for p in module.parameters()]
             if params:
-                groups.append({"params": params, "lr": head_lr if name == "head" else base_lr,
-                               "weight_decay": weight_decay, "name": name})  # fmt: skip
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": head_lr if name == "head" else base_lr,
+                        "weight_decay": weight_decay,
+                        "name": name,
+                    }
+                )
         return groups
 
 

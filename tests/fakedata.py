@@ -55,8 +55,16 @@ def write_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
     return root
 
 
-def write_folder(root: Path, size=(16, 16), per_class: int = 8, classes=("cat", "dog", "fish"), splits=("train", "test"),
-                 fmt: str = "png", grey_one: bool = False, corrupt_one: bool = False) -> Path:  # fmt: skip
+def write_folder(
+    root: Path,
+    size=(16, 16),
+    per_class: int = 8,
+    classes=("cat", "dog", "fish"),
+    splits=("train", "test"),
+    fmt: str = "png",
+    grey_one: bool = False,
+    corrupt_one: bool = False,
+) -> Path:
     for s_i, split in enumerate(splits):
         imgs, labels = class_images(per_class * len(classes), size, len(classes), seed=s_i)
         for i, (img, y) in enumerate(zip(imgs, labels, strict=True)):

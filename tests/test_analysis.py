@@ -109,15 +109,41 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lab")
     paths = {}
     for name in ("resnet20", "plain20"):
-        fit(load_config(overrides={"model": name, "data.limit_train": 512, "data.limit_test": 200, "iters": 24,
-                                   "data.batch_size": 64, "progress": False, "out": str(tmp / name)}))  # fmt: skip
+        fit(
+            load_config(
+                overrides={
+                    "model": name,
+                    "data.limit_train": 512,
+                    "data.limit_test": 200,
+                    "iters": 24,
+                    "data.batch_size": 64,
+                    "progress": False,
+                    "out": str(tmp / name),
+                }
+            )
+        )
         paths[name] = str(tmp / name / "last.pt")
     return tmp, paths
 
 
 def test_degradation_study_end_to_end(tmp_path, capsys) -> None:
-    assert main(["analyze", "degradation", "--depths", "20", "--quick", "--iters", "4", "--out", str(tmp_path),
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "degradation",
+                "--depths",
+                "20",
+                "--quick",
+                "--iters",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {m["name"] for m in summary["models"]} == {"plain20", "resnet20"}
     for m in summary["models"]:
@@ -128,8 +154,25 @@ def test_degradation_study_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_gradients_study_end_to_end(tmp_path) -> None:
-    assert main(["analyze", "gradients", "--depths", "20", "--steps", "2", "--batch", "16", "--correlation",
-                 "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "gradients",
+                "--depths",
+                "20",
+                "--steps",
+                "2",
+                "--batch",
+                "16",
+                "--correlation",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(
         m["init_first_last_ratio"] > 0 and m["trained_first_last_ratio"] > 0 for m in summary["models"]
@@ -145,20 +188,81 @@ def test_responses_landscape_lesion_and_report(trained, tmp_path) -> None:
         == 0
     )
     assert len(json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoints"][0]["stds"]) == 18
-    land = ["analyze", "landscape", "--checkpoint", *ckpts, "--grid", "3", "--samples", "32", "--out",
-            str(tmp_path / "l"), "--no-progress"]  # fmt: skip
+    land = [
+        "analyze",
+        "landscape",
+        "--checkpoint",
+        *ckpts,
+        "--grid",
+        "3",
+        "--samples",
+        "32",
+        "--out",
+        str(tmp_path / "l"),
+        "--no-progress",
+    ]
     assert main(land) == 0
     assert (tmp_path / "l" / "landscape_2d.png").exists() and (tmp_path / "l" / "landscape_1d.png").exists()
     assert main([*land, "--replot"]) == 0
-    assert main(["analyze", "landscape", "--checkpoint", paths["resnet20"], paths["resnet20"], "--interpolate",
-                 "--grid", "3", "--samples", "16", "--mode", "1d", "--out", str(tmp_path / "i"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "landscape",
+                "--checkpoint",
+                paths["resnet20"],
+                paths["resnet20"],
+                "--interpolate",
+                "--grid",
+                "3",
+                "--samples",
+                "16",
+                "--mode",
+                "1d",
+                "--out",
+                str(tmp_path / "i"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     curve = np.load(tmp_path / "i" / "interpolation.npz")
     assert np.ptp(curve["loss"]) < 1e-5  # interpolating a model with itself changes nothing
-    assert main(["analyze", "lesion", "--checkpoint", *ckpts, "--limit", "64", "--draws", "2", "--max-k", "3",
-                 "--out", str(tmp_path / "x"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "lesion",
+                "--checkpoint",
+                *ckpts,
+                "--limit",
+                "64",
+                "--draws",
+                "2",
+                "--max-k",
+                "3",
+                "--out",
+                str(tmp_path / "x"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lesion = json.loads((tmp_path / "x" / "summary.json").read_text())["checkpoints"]
     assert lesion[0]["removable"] == 7 and lesion[0]["k_curve"][-1]["k"] == 3
-    assert main(["analyze", "report", str(tmp_path / "r"), str(tmp_path / "x"), str(trained[0] / "resnet20"),
-                 "--out", str(tmp_path / "report.html")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "report",
+                str(tmp_path / "r"),
+                str(tmp_path / "x"),
+                str(trained[0] / "resnet20"),
+                "--out",
+                str(tmp_path / "report.html"),
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "<table>" in page

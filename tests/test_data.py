@@ -119,8 +119,10 @@ def test_folder_errors(tmp_path) -> None:
     root = write_folder(tmp_path / "a", splits=("train",))
     with pytest.raises(ReslabError, match="no val/ or test/ folder; pass --val-split"):
         build_data(DataConfig(name="folder", dir=str(root), cache_dir=str(tmp_path / "c")), progress=False)
-    data = build_data(DataConfig(name="folder", dir=str(root), val_split=0.25, cache_dir=str(tmp_path / "c")),
-                      progress=False)  # fmt: skip
+    data = build_data(
+        DataConfig(name="folder", dir=str(root), val_split=0.25, cache_dir=str(tmp_path / "c")),
+        progress=False,
+    )
     assert data.eval_split == "val" and data.eval.num_samples == 6 and data.train.num_samples == 18
     (root / "train" / "empty").mkdir()
     with pytest.raises(ReslabError, match="empty: class folder has no images"):
@@ -172,8 +174,10 @@ def test_tensor_loader_is_deterministic_and_resumable() -> None:
     )
     loader.set_epoch(5)
     assert not torch.equal(next(iter(loader))[1], full[0][1])  # a new epoch, a new order
-    shards = [TensorLoader(imgs, labels, batch_size=7, train=False, mean=(0.5,), std=(0.25,), rank=r, world=3)
-              for r in range(3)]  # fmt: skip
+    shards = [
+        TensorLoader(imgs, labels, batch_size=7, train=False, mean=(0.5,), std=(0.25,), rank=r, world=3)
+        for r in range(3)
+    ]
     seen = torch.cat([y for s in shards for _, y in s])
     assert sorted(seen.tolist()) == list(range(100))  # uneven shards, every sample once
 
@@ -186,8 +190,10 @@ def test_real_cifar10_folder_slice(tmp_path) -> None:
             d.mkdir(parents=True)
             for f in sorted((src / split / c).iterdir())[:5]:
                 (d / f.name).symlink_to(f)
-    data = build_data(DataConfig(name="folder", dir=str(tmp_path), batch_size=10, cache_dir=str(tmp_path / "c")),
-                      progress=False)  # fmt: skip
+    data = build_data(
+        DataConfig(name="folder", dir=str(tmp_path), batch_size=10, cache_dir=str(tmp_path / "c")),
+        progress=False,
+    )
     assert (
         data.classes == CIFAR10_CLASSES and data.in_chans == 3 and data.train.images.shape[1:] == (3, 32, 32)
     )

@@ -52,9 +52,18 @@ def cifar_checkpoint(tmp_path_factory) -> tuple:
 
     tmp = tmp_path_factory.mktemp("deploy")
     root = write_folder(tmp / "imgs", size=(32, 32), per_class=16)
-    cfg = load_config(overrides={"model": "resnet20", "data.name": "folder", "data.dir": str(root),
-                                 "data.batch_size": 16, "data.cache_dir": str(tmp / "cache"), "epochs": 2,
-                                 "progress": False, "out": str(tmp / "run")})  # fmt: skip
+    cfg = load_config(
+        overrides={
+            "model": "resnet20",
+            "data.name": "folder",
+            "data.dir": str(root),
+            "data.batch_size": 16,
+            "data.cache_dir": str(tmp / "cache"),
+            "epochs": 2,
+            "progress": False,
+            "out": str(tmp / "run"),
+        }
+    )
     fit(cfg)
     return tmp / "run" / "last.pt", root
 
@@ -102,12 +111,42 @@ def test_fixed_batch_export_and_failed_verification(cifar_checkpoint, tmp_path, 
 def test_export_cli(cifar_checkpoint, tmp_path) -> None:
     ckpt, _ = cifar_checkpoint
     out = tmp_path / "cli.onnx"
-    proc = subprocess.run([sys.executable, "-m", "reslab", "export", "--checkpoint", str(ckpt), "--format", "onnx",
-                           "--fold-bn", "--out", str(out), "--json"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reslab",
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--format",
+            "onnx",
+            "--fold-bn",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["max_abs_diff"] < 1e-3 and out.exists()
-    proc = subprocess.run([sys.executable, "-m", "reslab", "export", "--checkpoint", str(ckpt), "--format", "onnx",
-                           "--batch", "zero"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reslab",
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--format",
+            "onnx",
+            "--batch",
+            "zero",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "--batch 'zero'" in proc.stderr
 
 
@@ -125,12 +164,24 @@ def test_int8_quantization_report(cifar_checkpoint, tmp_path) -> None:
 def test_bench_json_contract(capsys) -> None:
     from reslab.cli import main
 
-    args = ["bench", "resnet18", "--input-size", "64", "--batch", "1,2", "--min-time", "0.05", "--json",
-            "--backends", "torchvision,reslab,reslab-cl-fold,ort-fp32"]  # fmt: skip
+    args = [
+        "bench",
+        "resnet18",
+        "--input-size",
+        "64",
+        "--batch",
+        "1,2",
+        "--min-time",
+        "0.05",
+        "--json",
+        "--backends",
+        "torchvision,reslab,reslab-cl-fold,ort-fp32",
+    ]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in ("torchvision", "reslab", "reslab-cl-fold",
-                                                                          "ort-fp32") for n in (1, 2)}  # fmt: skip
+    assert {(r["backend"], r["batch"]) for r in rows} == {
+        (b, n) for b in ("torchvision", "reslab", "reslab-cl-fold", "ort-fp32") for n in (1, 2)
+    }
     for r in rows:
         assert {"backend", "batch", "img_per_s", "p50_ms", "p90_ms", "peak_fraction"} <= set(r)
         assert r["img_per_s"] > 0 and r["top1_agree"] == 1.0 and r["vs_torchvision"] > 0

@@ -16,8 +16,15 @@ import torch
 from reslab.weights import read_file
 
 HELPER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
-TINY = ["data.limit_train=1024", "data.limit_test=200", "data.batch_size=32", "log_every=2", "optim.lr=0.1",
-        "sched.name=cosine", "sched.warmup_iters=3"]  # fmt: skip
+TINY = [
+    "data.limit_train=1024",
+    "data.limit_test=200",
+    "data.batch_size=32",
+    "log_every=2",
+    "optim.lr=0.1",
+    "sched.name=cosine",
+    "sched.warmup_iters=3",
+]
 
 
 def _port() -> int:
@@ -29,8 +36,15 @@ def _port() -> int:
 def torchrun(
     nproc: int, *args: str, timeout: float = 300, **popen
 ) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-           "--master-addr=127.0.0.1", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={_port()}",
+        "--master-addr=127.0.0.1",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESLAB_DIST_TIMEOUT": "60"}
     if popen:
         return subprocess.Popen(
@@ -57,8 +71,12 @@ def test_evaluation_counts_every_sample_once() -> None:
 
 def test_two_process_training_then_resume_with_one(tmp_path) -> None:
     base = ["-m", "reslab", "train", "--no-progress", "--epochs", "3", "--device", "cpu"]
-    single = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one"), *TINY], capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, *base, "--out", str(tmp_path / "one"), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
     # Two processes, stopped by Ctrl-C to the whole process group (as a terminal does), mid-run.
     proc = torchrun(2, *base, "--out", str(tmp_path / "two"), *TINY, "log_every=1", start_new_session=True)
@@ -75,8 +93,12 @@ def test_two_process_training_then_resume_with_one(tmp_path) -> None:
     assert written.count("metrics.jsonl") == 1 and all(
         ".tmp" not in name for name in written
     )  # rank 0 writes
-    done = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "two"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "two"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert two["world"] == 1 and two["epochs"] == 3
@@ -89,8 +111,22 @@ def test_two_process_training_then_resume_with_one(tmp_path) -> None:
 
 def test_a_failing_rank_ends_the_job(tmp_path) -> None:
     start = time.time()
-    proc = torchrun(2, HELPER, "fail", "1", "train", "--no-progress", "--epochs", "2", "--device", "cpu", "--out",
-                    str(tmp_path / "f"), *TINY, timeout=240)  # fmt: skip
+    proc = torchrun(
+        2,
+        HELPER,
+        "fail",
+        "1",
+        "train",
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "f"),
+        *TINY,
+        timeout=240,
+    )
     assert proc.returncode != 0
     assert "simulated failure on rank 1" in proc.stderr
     assert time.time() - start < 200  # ended, well before a collective timeout would have to fire

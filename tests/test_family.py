@@ -15,11 +15,38 @@ from reslab.models.layers import DropPath
 from tests.conftest import shared_data
 from tests.fakedata import write_folder
 
-CONTRACT = ["resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-            "wrn16_8", "wrn28_10", "wrn40_4", "preact_resnet18", "preact_resnet34", "preact_resnet50",
-            "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164", "preact_resnet1001",
-            "resnet26d", "resnet34d", "resnet50c", "resnet50d", "resnet50s", "resnet101d", "resnet152d", "seresnet50",
-            "resnext50d_32x4d", "r3d_18", "mc3_18", "r2plus1d_18", "r3d_34", "r3d_50"]  # fmt: skip
+CONTRACT = [
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "wrn16_8",
+    "wrn28_10",
+    "wrn40_4",
+    "preact_resnet18",
+    "preact_resnet34",
+    "preact_resnet50",
+    "preact_resnet101",
+    "preact_resnet152",
+    "preact_resnet110",
+    "preact_resnet164",
+    "preact_resnet1001",
+    "resnet26d",
+    "resnet34d",
+    "resnet50c",
+    "resnet50d",
+    "resnet50s",
+    "resnet101d",
+    "resnet152d",
+    "seresnet50",
+    "resnext50d_32x4d",
+    "r3d_18",
+    "mc3_18",
+    "r2plus1d_18",
+    "r3d_34",
+    "r3d_50",
+]
 
 
 def test_contract_names_are_registered() -> None:
@@ -75,10 +102,20 @@ def test_dilated_resnet_d_backbone() -> None:
 
 
 def test_video_training_on_synthetic_clips(tmp_path) -> None:
-    cfg = load_config(overrides={"model": "r3d_18", "data.name": "synthetic_clips", "data.frames": 4,
-                                 "data.limit_train": 32, "data.limit_test": 64, "data.batch_size": 8,
-                                 "data.eval_batch_size": 16,
-                                 "iters": 3, "progress": False, "out": str(tmp_path / "v")})  # fmt: skip
+    cfg = load_config(
+        overrides={
+            "model": "r3d_18",
+            "data.name": "synthetic_clips",
+            "data.frames": 4,
+            "data.limit_train": 32,
+            "data.limit_test": 64,
+            "data.batch_size": 8,
+            "data.eval_batch_size": 16,
+            "iters": 3,
+            "progress": False,
+            "out": str(tmp_path / "v"),
+        }
+    )
     from reslab.engine import fit
 
     result = fit(cfg)
@@ -180,9 +217,19 @@ def _checkpoint(tmp_path, name: str, seed: int, arch: str = "resnet20"):
     root = tmp_path / "imgs"
     if not root.exists():
         write_folder(root, size=(32, 32), per_class=16)
-    cfg = load_config(overrides={"model": arch, "data.name": "folder", "data.dir": str(root), "data.batch_size": 16,
-                                 "data.cache_dir": str(tmp_path / "cache"), "epochs": 2, "seed": seed,
-                                 "progress": False, "out": str(tmp_path / name)})  # fmt: skip
+    cfg = load_config(
+        overrides={
+            "model": arch,
+            "data.name": "folder",
+            "data.dir": str(root),
+            "data.batch_size": 16,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "epochs": 2,
+            "seed": seed,
+            "progress": False,
+            "out": str(tmp_path / name),
+        }
+    )
     fit(cfg)
     return tmp_path / name / "last.pt", root
 

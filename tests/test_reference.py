@@ -11,11 +11,30 @@ from torch import nn
 from reslab import create_model
 from reslab.weights import load_weights
 
-TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-               "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # fmt: skip
+TORCHVISION = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
 TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18"]
-TIMM = ["resnet26d", "resnet34d", "resnet50c", "resnet50d", "resnet50s", "resnet101d", "resnet152d", "seresnet50",
-        "resnext50d_32x4d"]  # fmt: skip
+TIMM = [
+    "resnet26d",
+    "resnet34d",
+    "resnet50c",
+    "resnet50d",
+    "resnet50s",
+    "resnet101d",
+    "resnet152d",
+    "seresnet50",
+    "resnext50d_32x4d",
+]
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:

@@ -22,8 +22,15 @@ from reslab.engine.schedule import lr_factor
 from reslab.weights import read_file
 
 # A small, fast configuration on the embedded MNIST sample.
-TINY = {"data.limit_train": 320, "data.limit_test": 200, "data.batch_size": 32, "progress": False, "log_every": 4,
-        "sched.name": "cosine", "optim.lr": 0.05}  # fmt: skip
+TINY = {
+    "data.limit_train": 320,
+    "data.limit_test": 200,
+    "data.batch_size": 32,
+    "progress": False,
+    "log_every": 4,
+    "sched.name": "cosine",
+    "optim.lr": 0.05,
+}
 
 
 def _cfg(tmp_path, name="run", **extra):
@@ -35,8 +42,17 @@ def test_short_run_learns_and_writes_its_run_directory(tmp_path) -> None:
     learn = {"data.limit_train": 1000, "data.batch_size": 50, "optim.lr": 0.1, "sched.warmup_iters": 3}
     result = fit(_cfg(tmp_path, epochs=3, **learn))
     d = result.run_dir
-    for name in ("config.yaml", "command.txt", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "curves.png",
-                 "confusion.png", "summary.json"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "command.txt",
+        "metrics.csv",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+        "confusion.png",
+        "summary.json",
+    ):
         assert (d / name).exists(), name
     assert any((d / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -94,8 +110,9 @@ def test_cli_sigint_then_resume(tmp_path) -> None:
     overrides = [f"{k}={v}" for k, v in TINY.items() if k != "progress"] + ["log_every=1"]
     ref = subprocess.run([*args, str(tmp_path / "ref"), *overrides], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([*args, str(tmp_path / "cut"), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, str(tmp_path / "cut"), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -106,8 +123,11 @@ def test_cli_sigint_then_resume(tmp_path) -> None:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, err
     assert "resume with: reslab train --resume" in err and "Traceback" not in err
-    done = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "cut"), "--no-progress"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "cut"), "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     a, b = read_file(tmp_path / "ref" / "last.pt"), read_file(tmp_path / "cut" / "last.pt")
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
@@ -220,8 +240,20 @@ def test_cli_train_eval_predict(tmp_path, capsys) -> None:
 
     img = load_embedded()[1].images[0, 0].numpy()
     Image.fromarray(img).save(tmp_path / "digit.png")
-    assert main(["predict", "--checkpoint", str(tmp_path / "r" / "best.pt"), str(tmp_path / "digit.png"), "--json",
-                 "--topk", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "r" / "best.pt"),
+                str(tmp_path / "digit.png"),
+                "--json",
+                "--topk",
+                "3",
+            ]
+        )
+        == 0
+    )
     pred = json.loads(capsys.readouterr().out)
     assert len(pred) == 1 and len(pred[0]["top"]) == 3 and sum(t["prob"] for t in pred[0]["top"]) <= 1.0001
 

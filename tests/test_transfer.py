@@ -23,8 +23,19 @@ def source(tmp_path) -> Path:
     from reslab.config import load_config
     from reslab.engine import fit
 
-    fit(load_config(overrides={"model": "resnet20", "model_args": {"in_chans": 3}, "data.limit_train": 256,
-                               "iters": 4, "data.batch_size": 64, "progress": False, "out": str(tmp_path / "src")}))  # fmt: skip
+    fit(
+        load_config(
+            overrides={
+                "model": "resnet20",
+                "model_args": {"in_chans": 3},
+                "data.limit_train": 256,
+                "iters": 4,
+                "data.batch_size": 64,
+                "progress": False,
+                "out": str(tmp_path / "src"),
+            }
+        )
+    )
     return tmp_path / "src" / "last.pt"
 
 
@@ -36,8 +47,13 @@ def test_freezer_schedule_and_groups() -> None:
     assert freezer.apply(4) == ["layer1", "layer2", "layer3", "head"]
     assert not model.conv1.weight.requires_grad and model.layer1[0].conv1.weight.requires_grad
     groups = freezer.param_groups(0.01, 0.001, 1e-4)
-    assert [(g["name"], g["lr"]) for g in groups] == [("stem", 0.001), ("layer1", 0.001), ("layer2", 0.001),
-                                                      ("layer3", 0.001), ("head", 0.01)]  # fmt: skip
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("stem", 0.001),
+        ("layer1", 0.001),
+        ("layer2", 0.001),
+        ("layer3", 0.001),
+        ("head", 0.01),
+    ]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert Freezer(model, FinetuneConfig(freeze="stages:1")).apply(0) == ["layer2", "layer3", "head"]
     with pytest.raises(ReslabError, match="--freeze 'stages:9'"):
@@ -49,15 +65,40 @@ def test_freezer_schedule_and_groups() -> None:
 def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) -> None:
     root = write_folder(tmp_path / "imgs", size=(28, 28), per_class=12)
     out = tmp_path / "ft"
-    assert main(["finetune", "--from", str(source), "--data-dir", str(root), "--epochs", "2", "--unfreeze-at", "1:1",
-                 "--batch-size", "12", "--out", str(out), "--no-progress", "log_every=1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--from",
+                str(source),
+                "--data-dir",
+                str(root),
+                "--epochs",
+                "2",
+                "--unfreeze-at",
+                "1:1",
+                "--batch-size",
+                "12",
+                "--out",
+                str(out),
+                "--no-progress",
+                "log_every=1",
+            ]
+        )
+        == 0
+    )
     src = read_file(source)["model"]
     ft = read_file(out / "last.pt")
     assert ft["classes"] == ["cat", "dog", "fish"] and ft["model"]["fc.weight"].shape == (3, 64)
     same = lambda k: torch.equal(src[k], ft["model"][k])  # noqa: E731
     # stem and layers 1-2 never trained: weights *and* BN statistics unchanged
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.2.bn2.running_var",
-                "layer2.2.bn2.num_batches_tracked"):  # fmt: skip
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.2.bn2.running_var",
+        "layer2.2.bn2.num_batches_tracked",
+    ):
         assert same(key), key
     assert not same("layer3.2.conv2.weight") and not same("layer3.2.bn2.running_mean")  # unfrozen at epoch 2
     config = __import__("yaml").safe_load((out / "config.yaml").read_text())
@@ -67,8 +108,26 @@ def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) ->
 def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path) -> None:
     root = write_folder(tmp_path / "imgs", size=(28, 28), per_class=12, splits=("train",))
     out = tmp_path / "ft"
-    assert main(["finetune", "--from", str(source), "--data-dir", str(root), "--epochs", "1", "--frozen-bn",
-                 "--batch-size", "12", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--from",
+                str(source),
+                "--data-dir",
+                str(root),
+                "--epochs",
+                "1",
+                "--frozen-bn",
+                "--batch-size",
+                "12",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ft = read_file(out / "last.pt")
     assert "layer3.2.bn2.num_batches_tracked" not in ft["model"]  # FrozenBatchNorm2d keeps no counter
     src = read_file(source)["model"]
@@ -88,8 +147,26 @@ def test_torchvision_weights_from_a_temporary_cache(tmp_path, monkeypatch, capsy
     assert pre.preprocess["mean"] == [0.485, 0.456, 0.406] and pre.preprocess["size"] == [224, 224]
     root = write_folder(tmp_path / "photos", size=(72, 90), per_class=4, fmt="jpg")
     out = tmp_path / "ft"
-    assert main(["finetune", "--from", "torchvision:resnet18.IMAGENET1K_V1", "--data-dir", str(root), "--epochs", "1",
-                 "--batch-size", "6", "--out", str(out), "--no-progress", "data.workers=0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--from",
+                "torchvision:resnet18.IMAGENET1K_V1",
+                "--data-dir",
+                str(root),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "6",
+                "--out",
+                str(out),
+                "--no-progress",
+                "data.workers=0",
+            ]
+        )
+        == 0
+    )
     ft = read_file(out / "last.pt")
     assert ft["preprocess"]["kind"] == "imagenet" and ft["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert torch.equal(ft["model"]["conv1.weight"], ref.state_dict()["conv1.weight"])  # frozen base kept

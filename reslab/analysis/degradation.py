@@ -20,9 +20,18 @@ from reslab.models import get_model_entry, list_models
 # A few hundred iterations of the paper's recipe. Deep residual nets need a warm-up at this budget
 # (the paper warms ResNet-110 up for 400 iterations); measured here: without it ResNet-56 is still
 # unstable after 300 iterations.
-QUICK = {"iters": 300, "data.batch_size": 128, "optim.lr": 0.1, "sched.name": "constant", "sched.warmup_iters": 150,
-         "sched.warmup_mode": "linear", "sched.warmup_factor": 0.01, "log_every": 10, "eval_every_iters": 50,
-         "data.limit_test": 2000}  # fmt: skip
+QUICK = {
+    "iters": 300,
+    "data.batch_size": 128,
+    "optim.lr": 0.1,
+    "sched.name": "constant",
+    "sched.warmup_iters": 150,
+    "sched.warmup_mode": "linear",
+    "sched.warmup_factor": 0.01,
+    "log_every": 10,
+    "eval_every_iters": 50,
+    "data.limit_test": 2000,
+}
 TRAIN_TAIL = 50  # final training error: the mean over the last 50 iterations
 
 
@@ -59,8 +68,16 @@ def run(
         for name, args, residual in twins(depth):
             label = f"{'resnet' if residual else 'plain'}{depth}"
             run_dir = out / "runs" / label
-            overrides = {**(QUICK if quick else {}), **data_overrides, "model": name, "model_args": args, "seed": seed,
-                         "progress": progress, "device": device, "out": str(run_dir)}  # fmt: skip
+            overrides = {
+                **(QUICK if quick else {}),
+                **data_overrides,
+                "model": name,
+                "model_args": args,
+                "seed": seed,
+                "progress": progress,
+                "device": device,
+                "out": str(run_dir),
+            }
             if iters:
                 overrides["iters"] = iters
             if (run_dir / "summary.json").exists():
@@ -74,11 +91,25 @@ def run(
     _write_csv(models, out / "curves.csv")
     findings = _findings(models)
     summary = {"quick": quick, "depths": depths, "models": models, "findings": findings}
-    md = ["# Degradation: plain vs residual networks", "",
-          md_table(models, [("name", "model"), ("depth", "depth"), ("residual", "residual"),
-                            ("train_error", "final train error"), ("test_error", "final test error"),
-                            ("iterations", "iterations")]), "",
-          *(f"- {k}: {v}" for k, v in findings.items()), "", "![degradation](degradation.png)"]  # fmt: skip
+    md = [
+        "# Degradation: plain vs residual networks",
+        "",
+        md_table(
+            models,
+            [
+                ("name", "model"),
+                ("depth", "depth"),
+                ("residual", "residual"),
+                ("train_error", "final train error"),
+                ("test_error", "final test error"),
+                ("iterations", "iterations"),
+            ],
+        ),
+        "",
+        *(f"- {k}: {v}" for k, v in findings.items()),
+        "",
+        "![degradation](degradation.png)",
+    ]
     write_summary(out, "degradation", summary, "\n".join(md))
     return {"out": str(out), **summary}
 
@@ -88,10 +119,19 @@ def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[st
     iters = [r for r in rows if r["kind"] == "iter"]
     evals = [r for r in rows if r["kind"] in ("eval", "epoch") and r.get("eval_err") is not None]
     last = iters[-1]["iteration"] if iters else 0
-    return {"name": label, "depth": depth, "residual": residual, "train_error": tail_mean(iters, TRAIN_TAIL),
-            "test_error": evals[-1]["eval_err"] if evals else None, "iterations": last, "run_dir": str(run_dir),
-            "curve": {"train": [(r["iteration"], r["train_err"]) for r in iters],
-                      "test": [(r["iteration"], r["eval_err"]) for r in evals]}}  # fmt: skip
+    return {
+        "name": label,
+        "depth": depth,
+        "residual": residual,
+        "train_error": tail_mean(iters, TRAIN_TAIL),
+        "test_error": evals[-1]["eval_err"] if evals else None,
+        "iterations": last,
+        "run_dir": str(run_dir),
+        "curve": {
+            "train": [(r["iteration"], r["train_err"]) for r in iters],
+            "test": [(r["iteration"], r["eval_err"]) for r in evals],
+        },
+    }
 
 
 def tail_mean(rows: list[dict[str, Any]], window: int) -> float | None:

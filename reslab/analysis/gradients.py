@@ -25,8 +25,11 @@ def conv_grad_norms(
     model.train()
     model.zero_grad(set_to_none=True)
     loss_fn(model(x), y).backward()
-    return [(name, m.weight.grad.norm().item()) for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d | nn.Conv3d) and "downsample" not in name and m.weight.grad is not None]  # fmt: skip
+    return [
+        (name, m.weight.grad.norm().item())
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Conv3d) and "downsample" not in name and m.weight.grad is not None
+    ]
 
 
 def gradient_correlation(model: nn.Module, x0: torch.Tensor, points: int = 128, seed: int = 0) -> list[float]:
@@ -69,18 +72,35 @@ def run(
         **({"dir": data_dir} if data_dir else {}),
     }
     x, y = fixed_batches({"data": data_fields}, split="train", limit=batch, batch_size=batch)[0]
-    cfg = load_config(overrides={**{f"data.{k}": v for k, v in data_fields.items()}, "data.batch_size": batch,
-                                 "iters": steps, "sched.name": "constant", "sched.warmup_iters": steps // 2,
-                                 "sched.warmup_factor": 0.01, "progress": False, "log_every": 10**6})  # fmt: skip
+    cfg = load_config(
+        overrides={
+            **{f"data.{k}": v for k, v in data_fields.items()},
+            "data.batch_size": batch,
+            "iters": steps,
+            "sched.name": "constant",
+            "sched.warmup_iters": steps // 2,
+            "sched.warmup_factor": 0.01,
+            "progress": False,
+            "log_every": 10**6,
+        }
+    )
     train_data = build_data(cfg.data, seed=seed, progress=False) if steps else None
     models = []
     jobs = [(d, *t) for d in depths for t in twins(d)]
     for depth, name, args, residual in tqdm(jobs, desc="models", disable=not progress, leave=False):
         torch.manual_seed(seed)
-        model = create_model(name, num_classes=int(y.max()) + 1 if train_data is None else len(train_data.classes),
-                             in_chans=x.shape[1], **args)  # fmt: skip
-        row: dict[str, Any] = {"name": f"{'resnet' if residual else 'plain'}{depth}", "depth": depth,
-                               "residual": residual, "init": conv_grad_norms(model, x, y)}  # fmt: skip
+        model = create_model(
+            name,
+            num_classes=int(y.max()) + 1 if train_data is None else len(train_data.classes),
+            in_chans=x.shape[1],
+            **args,
+        )
+        row: dict[str, Any] = {
+            "name": f"{'resnet' if residual else 'plain'}{depth}",
+            "depth": depth,
+            "residual": residual,
+            "init": conv_grad_norms(model, x, y),
+        }
         if correlation:
             row["correlation"] = gradient_correlation(model, x[0], seed=seed)
         if steps:
@@ -104,15 +124,32 @@ def run(
     table = [
         {k: m.get(k) for k in ("name", "init_first_last_ratio", "trained_first_last_ratio")} for m in models
     ]
-    md = ["# Gradient flow", "", f"Gradient norm of the first conv divided by that of the last conv, on one batch "
-          f"of {batch} real images, at initialisation and after {steps} training steps.", "",
-          md_table(table, [("name", "model"), ("init_first_last_ratio", "first/last at init"),
-                           ("trained_first_last_ratio", f"first/last after {steps} steps")]), "",
-          "![gradient norms](gradient_norms.png)"]  # fmt: skip
+    md = [
+        "# Gradient flow",
+        "",
+        f"Gradient norm of the first conv divided by that of the last conv, on one batch "
+        f"of {batch} real images, at initialisation and after {steps} training steps.",
+        "",
+        md_table(
+            table,
+            [
+                ("name", "model"),
+                ("init_first_last_ratio", "first/last at init"),
+                ("trained_first_last_ratio", f"first/last after {steps} steps"),
+            ],
+        ),
+        "",
+        "![gradient norms](gradient_norms.png)",
+    ]
     if correlation:
         md.append("![gradient correlation](gradient_correlation.png)")
-    summary = {"steps": steps, "batch": batch, "models": [{k: v for k, v in m.items() if k not in ("init", "trained",
-               "correlation")} for m in models]}  # fmt: skip
+    summary = {
+        "steps": steps,
+        "batch": batch,
+        "models": [
+            {k: v for k, v in m.items() if k not in ("init", "trained", "correlation")} for m in models
+        ],
+    }
     write_summary(out, "gradients", summary, "\n".join(md))
     return {"out": str(out), **summary}
 
@@ -125,8 +162,14 @@ def _plot(models: list[dict[str, Any]], path: Path, steps: int) -> None:
     for ax, key in zip(axes[0], keys):
         for m in models:
             norms = [v for _, v in m[key]]
-            ax.plot(range(1, len(norms) + 1), norms, color=f"C{depths.index(m['depth'])}",
-                    ls="-" if m["residual"] else "--", lw=1.5, label=m["name"])  # fmt: skip
+            ax.plot(
+                range(1, len(norms) + 1),
+                norms,
+                color=f"C{depths.index(m['depth'])}",
+                ls="-" if m["residual"] else "--",
+                lw=1.5,
+                label=m["name"],
+            )
         ax.set_yscale("log")
         ax.set_xlabel("conv layer (input to output)")
         ax.set_ylabel("gradient norm")
@@ -139,8 +182,12 @@ def _plot_correlation(models: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     depths = sorted({m["depth"] for m in models})
     for m in models:
-        ax.plot(m["correlation"], color=f"C{depths.index(m['depth'])}", ls="-" if m["residual"] else "--",
-                label=m["name"])  # fmt: skip
+        ax.plot(
+            m["correlation"],
+            color=f"C{depths.index(m['depth'])}",
+            ls="-" if m["residual"] else "--",
+            label=m["name"],
+        )
     ax.set_xlabel("distance between inputs (points on a line)")
     ax.set_ylabel("gradient correlation (cosine)")
     ax.set_title("shattered gradients (Balduzzi et al. 2017), at initialisation")

@@ -51,8 +51,15 @@ def _set(
         p.copy_(value)
 
 
-def surface(model: nn.Module, batches, dirs: list[list[torch.Tensor]], coords: list[np.ndarray], npz: Path,
-            progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def surface(
+    model: nn.Module,
+    batches,
+    dirs: list[list[torch.Tensor]],
+    coords: list[np.ndarray],
+    npz: Path,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
     """Loss and error over the grid spanned by ``coords`` along ``dirs`` (1 or 2 of them), resumable."""
     from tqdm import tqdm
 
@@ -147,8 +154,9 @@ def run(
         entry["loss_at_minimum"] = float(
             centre["loss"][c] if centre["loss"].ndim == 1 else centre["loss"][c, c]
         )
-        entry["loss_at_edge"] = float(np.nanmean(centre["loss"][[0, -1]] if centre["loss"].ndim == 1
-                                                 else centre["loss"][[0, -1], c]))  # fmt: skip
+        entry["loss_at_edge"] = float(
+            np.nanmean(centre["loss"][[0, -1]] if centre["loss"].ndim == 1 else centre["loss"][[0, -1], c])
+        )
         results.append(entry)
     if interpolate:
         if len(loaded) != 2:
@@ -161,18 +169,35 @@ def run(
         np.savez(out / "interpolation.npz", **curve)
         _plot_interpolation(curve, out / "interpolation.png", [r["label"] for r in results])
     _plot(results, out, span)
-    rows = [{"label": r["label"], "loss_at_minimum": r["loss_at_minimum"], "loss_at_edge": r["loss_at_edge"]}
-            for r in results]  # fmt: skip
-    md = ["# Loss landscape (Li et al. 2018)", "",
-          f"Filter-normalised random directions, grid {grid}x{grid} over [-{span}, {span}], {samples} training "
-          "images without augmentation; BN and bias directions are zero.", "",
-          md_table(rows, [("label", "checkpoint"), ("loss_at_minimum", "loss at the weights"),
-                          ("loss_at_edge", f"mean loss at +-{span} (1D)")]), "",
-          *(f"![{p.stem}]({p.name})" for p in sorted(out.glob("landscape*.png")))]  # fmt: skip
+    rows = [
+        {"label": r["label"], "loss_at_minimum": r["loss_at_minimum"], "loss_at_edge": r["loss_at_edge"]}
+        for r in results
+    ]
+    md = [
+        "# Loss landscape (Li et al. 2018)",
+        "",
+        f"Filter-normalised random directions, grid {grid}x{grid} over [-{span}, {span}], {samples} training "
+        "images without augmentation; BN and bias directions are zero.",
+        "",
+        md_table(
+            rows,
+            [
+                ("label", "checkpoint"),
+                ("loss_at_minimum", "loss at the weights"),
+                ("loss_at_edge", f"mean loss at +-{span} (1D)"),
+            ],
+        ),
+        "",
+        *(f"![{p.stem}]({p.name})" for p in sorted(out.glob("landscape*.png"))),
+    ]
     if interpolate:
         md.append("![interpolation](interpolation.png)")
-    summary = {"grid": grid, "span": span, "samples": samples, "checkpoints": [
-        {k: v for k, v in r.items() if k not in ("1d", "2d")} for r in results]}  # fmt: skip
+    summary = {
+        "grid": grid,
+        "span": span,
+        "samples": samples,
+        "checkpoints": [{k: v for k, v in r.items() if k not in ("1d", "2d")} for r in results],
+    }
     write_summary(out, "landscape", summary, "\n".join(md))
     return {"out": str(out), **summary}
 
@@ -190,8 +215,11 @@ def _plot(results: list[dict[str, Any]], out: Path, span: float) -> None:
     twod = [r for r in results if "2d" in r]
     if twod:
         fig, axes = plt.subplots(1, len(twod), figsize=(5.5 * len(twod), 4.8), squeeze=False)
-        levels = np.logspace(np.log10(max(1e-3, np.nanmin([np.nanmin(r["2d"]["loss"]) for r in twod]))),
-                             np.log10(np.nanmax([np.nanmax(r["2d"]["loss"]) for r in twod])), 30)  # fmt: skip
+        levels = np.logspace(
+            np.log10(max(1e-3, np.nanmin([np.nanmin(r["2d"]["loss"]) for r in twod]))),
+            np.log10(np.nanmax([np.nanmax(r["2d"]["loss"]) for r in twod])),
+            30,
+        )
         for ax, r in zip(axes[0], twod):
             grid = r["2d"]
             cs = ax.contour(grid["c0"], grid["c1"], grid["loss"].T, levels=levels, cmap="viridis")

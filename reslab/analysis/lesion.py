@@ -34,9 +34,18 @@ def path_lengths(n: int) -> list[float]:
     return [math.comb(n, k) / 2**n for k in range(n + 1)]
 
 
-def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 2000, draws: int = 5,
-        max_k: int = 10, seed: int = 0, data: str | None = None, data_dir: str | None = None,
-        progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def run(
+    checkpoints: list[str],
+    *,
+    out: str | Path | None = None,
+    limit: int = 2000,
+    draws: int = 5,
+    max_k: int = 10,
+    seed: int = 0,
+    data: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     from reslab.inference import load_checkpoint
@@ -60,22 +69,42 @@ def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 2
                 single.append({"block": i, "error": None, "note": "changes shape: not removable"})
         g = torch.Generator().manual_seed(seed)
         k_curve = []
-        for k in tqdm(range(1, min(max_k, len(ok)) + 1), desc=f"{meta['arch']}: k blocks", disable=not progress,
-                      leave=False):  # fmt: skip
+        for k in tqdm(
+            range(1, min(max_k, len(ok)) + 1),
+            desc=f"{meta['arch']}: k blocks",
+            disable=not progress,
+            leave=False,
+        ):
             errs = []
             for _ in range(draws):
                 pick = [ok[j] for j in torch.randperm(len(ok), generator=g)[:k].tolist()]
                 with lesioned(model, pick):
                     errs.append(error_and_loss(model, batches)[0])
             mean = sum(errs) / len(errs)
-            k_curve.append({"k": k, "mean_error": mean, "std_error": (sum((e - mean) ** 2 for e in errs) / len(errs)) ** 0.5,
-                            "errors": errs})  # fmt: skip
+            k_curve.append(
+                {
+                    "k": k,
+                    "mean_error": mean,
+                    "std_error": (sum((e - mean) ** 2 for e in errs) / len(errs)) ** 0.5,
+                    "errors": errs,
+                }
+            )
         removable_errors = [s["error"] for s in single if s["error"] is not None]
-        results.append({"checkpoint": str(path), "arch": meta["arch"], "residual": model.spec.residual,
-                        "label": f"{meta['arch']} ({Path(path).parent.name})", "base_error": base,
-                        "blocks": len(blocks), "removable": len(ok), "single": single, "k_curve": k_curve,
-                        "mean_single_error": sum(removable_errors) / max(1, len(removable_errors)),
-                        "images": sum(len(y) for _, y in batches)})  # fmt: skip
+        results.append(
+            {
+                "checkpoint": str(path),
+                "arch": meta["arch"],
+                "residual": model.spec.residual,
+                "label": f"{meta['arch']} ({Path(path).parent.name})",
+                "base_error": base,
+                "blocks": len(blocks),
+                "removable": len(ok),
+                "single": single,
+                "k_curve": k_curve,
+                "mean_single_error": sum(removable_errors) / max(1, len(removable_errors)),
+                "images": sum(len(y) for _, y in batches),
+            }
+        )
     _plot(results, out)
     with open(out / "lesion.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -92,12 +121,27 @@ def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 2
             c = next((c for c in r["k_curve"] if c["k"] == k), None)
             row[f"k{k}"] = c["mean_error"] if c else None
         rows.append(row)
-    md = ["# Lesion study (Veit et al. 2016)", "",
-          f"Test error on {results[0]['images']} test images after removing residual blocks at test time "
-          f"({draws} random draws per k).", "",
-          md_table(rows, [("label", "checkpoint"), ("base", "intact"), ("one", "one block (mean)"),
-                          ("k1", "1 random"), ("k5", "5 random"), ("k10", "10 random")]), "",
-          "![lesion](lesion.png)", "![path lengths](path_lengths.png)"]  # fmt: skip
+    md = [
+        "# Lesion study (Veit et al. 2016)",
+        "",
+        f"Test error on {results[0]['images']} test images after removing residual blocks at test time "
+        f"({draws} random draws per k).",
+        "",
+        md_table(
+            rows,
+            [
+                ("label", "checkpoint"),
+                ("base", "intact"),
+                ("one", "one block (mean)"),
+                ("k1", "1 random"),
+                ("k5", "5 random"),
+                ("k10", "10 random"),
+            ],
+        ),
+        "",
+        "![lesion](lesion.png)",
+        "![path lengths](path_lengths.png)",
+    ]
     summary = {"limit": limit, "draws": draws, "checkpoints": results}
     write_summary(out, "lesion", summary, "\n".join(md))
     return {"out": str(out), **summary}
@@ -114,8 +158,14 @@ def _plot(results: list[dict[str, Any]], out: Path) -> None:
         ks = [c["k"] for c in r["k_curve"]]
         means = [100 * c["mean_error"] for c in r["k_curve"]]
         stds = [100 * c["std_error"] for c in r["k_curve"]]
-        right.errorbar([0, *ks], [100 * r["base_error"], *means], yerr=[0, *stds], color=f"C{i}", capsize=3,
-                       label=r["label"])  # fmt: skip
+        right.errorbar(
+            [0, *ks],
+            [100 * r["base_error"], *means],
+            yerr=[0, *stds],
+            color=f"C{i}",
+            capsize=3,
+            label=r["label"],
+        )
     left.set_xlabel("removed block (depth order)")
     left.set_ylabel("test error (%)")
     left.set_title("removing one block (dotted: intact)")
@@ -126,8 +176,13 @@ def _plot(results: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, r in enumerate(x for x in results if x["residual"]):
         dist = path_lengths(r["blocks"])
-        ax.bar([k + 0.25 * i for k in range(len(dist))], dist, width=0.25, color=f"C{i}", label=f"{r['label']}: "
-               f"{r['blocks']} blocks, 2^{r['blocks']} paths")  # fmt: skip
+        ax.bar(
+            [k + 0.25 * i for k in range(len(dist))],
+            dist,
+            width=0.25,
+            color=f"C{i}",
+            label=f"{r['label']}: {r['blocks']} blocks, 2^{r['blocks']} paths",
+        )
     ax.set_xlabel("path length (residual branches passed)")
     ax.set_ylabel("share of paths")
     ax.set_title("path lengths: Binomial(n, 1/2)")

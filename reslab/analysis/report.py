@@ -23,9 +23,13 @@ def _markdown_to_html(text: str, folder: Path) -> str:
                 if not re.fullmatch(r"\|[-|\s]+\|", r)
             ]
             head, *body = rows
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</table>")  # fmt: skip
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
             table.clear()
 
     for line in text.splitlines():
@@ -70,12 +74,15 @@ def build_report(folders: list[str], out: str | Path | None = None) -> Path:
         else:
             raise ReslabError(f"{f}: neither a study folder (summary.md) nor a run folder (summary.json)")
         sections.append(f"<section><p class=src>{html.escape(str(f))}</p>{body}</section>")
-    page = ("<!doctype html><html><head><meta charset=utf-8><title>reslab report</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "img{max-width:100%;margin:.5em 0}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}section{margin-bottom:3em}"
-            ".src{color:#888;font-size:.9em}</style></head><body><h1>reslab report</h1>"
-            + "\n".join(sections) + "</body></html>")  # fmt: skip
+    page = (
+        "<!doctype html><html><head><meta charset=utf-8><title>reslab report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "img{max-width:100%;margin:.5em 0}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}section{margin-bottom:3em}"
+        ".src{color:#888;font-size:.9em}</style></head><body><h1>reslab report</h1>"
+        + "\n".join(sections)
+        + "</body></html>"
+    )
     path = Path(out) if out else Path(folders[0]) / "report.html"
     path.write_text(page)
     return path

@@ -46,8 +46,14 @@ def layer_response_stds(
     return [(name, max(0.0, s2 / n - (s / n) ** 2) ** 0.5) for name, (s, s2, n) in sums.items()]
 
 
-def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 1000, data: str | None = None,
-        data_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    checkpoints: list[str],
+    *,
+    out: str | Path | None = None,
+    limit: int = 1000,
+    data: str | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     from reslab.inference import load_checkpoint
 
     out = study_dir(out, "responses")
@@ -57,8 +63,16 @@ def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 1
         batches = fixed_batches(meta, split="test", limit=limit, data=data, data_dir=data_dir)
         stds = layer_response_stds(model, batches)
         label = f"{meta['arch']} ({Path(path).parent.name}/{Path(path).name})"
-        results.append({"checkpoint": str(path), "arch": meta["arch"], "label": label, "layers": stds,
-                        "mean_std": sum(s for _, s in stds) / len(stds), "images": sum(len(y) for _, y in batches)})  # fmt: skip
+        results.append(
+            {
+                "checkpoint": str(path),
+                "arch": meta["arch"],
+                "label": label,
+                "layers": stds,
+                "mean_std": sum(s for _, s in stds) / len(stds),
+                "images": sum(len(y) for _, y in batches),
+            }
+        )
     _plot(results, out / "responses.png")
     with open(out / "responses.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -67,12 +81,21 @@ def run(checkpoints: list[str], *, out: str | Path | None = None, limit: int = 1
             for i, (name, s) in enumerate(r["layers"], 1):
                 w.writerow([r["checkpoint"], r["arch"], i, name, s])
     rows = [{"label": r["label"], "layers": len(r["layers"]), "mean_std": r["mean_std"]} for r in results]
-    md = ["# Layer responses (Fig. 7)", "",
-          f"Std of each 3x3 layer's output after BN, before the addition/ReLU, over {results[0]['images']} test images.",
-          "", md_table(rows, [("label", "checkpoint"), ("layers", "3x3 layers"), ("mean_std", "mean std")]), "",
-          "![responses](responses.png)"]  # fmt: skip
-    summary = {"checkpoints": [{k: v for k, v in r.items() if k != "layers"} | {"stds": [s for _, s in r["layers"]]}
-                               for r in results]}  # fmt: skip
+    md = [
+        "# Layer responses (Fig. 7)",
+        "",
+        f"Std of each 3x3 layer's output after BN, before the addition/ReLU, over {results[0]['images']} test images.",
+        "",
+        md_table(rows, [("label", "checkpoint"), ("layers", "3x3 layers"), ("mean_std", "mean std")]),
+        "",
+        "![responses](responses.png)",
+    ]
+    summary = {
+        "checkpoints": [
+            {k: v for k, v in r.items() if k != "layers"} | {"stds": [s for _, s in r["layers"]]}
+            for r in results
+        ]
+    }
     write_summary(out, "responses", summary, "\n".join(md))
     return {"out": str(out), **summary}
 

@@ -108,9 +108,15 @@ def checkpoint_data(
 
 
 def fixed_batches(
-    meta: dict[str, Any], *, split: str, limit: int, batch_size: int = 250, data: str | None = None,
-    data_dir: str | None = None, seed: int = 0,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    meta: dict[str, Any],
+    *,
+    split: str,
+    limit: int,
+    batch_size: int = 250,
+    data: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to ``limit`` real images of the data a checkpoint was trained on (see :func:`checkpoint_data`),
     un-augmented, as batches in memory: the same for every model a study compares.
 
@@ -118,11 +124,23 @@ def fixed_batches(
     ``split``: "train" (a stratified subset of the training images) or "test".
     """
     key = "limit_train" if split == "train" else "limit_test"
-    cfg, recorded_seed = checkpoint_data(meta, data=data, data_dir=data_dir, augment="none", batch_size=batch_size,
-                                         eval_batch_size=batch_size, **{key: limit})  # fmt: skip
+    cfg, recorded_seed = checkpoint_data(
+        meta,
+        data=data,
+        data_dir=data_dir,
+        augment="none",
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        **{key: limit},
+    )
     pre = meta.get("preprocess")
-    d = build_data(cfg, seed=seed or recorded_seed, channels=pre["channels"] if pre else None, preprocess=pre,
-                   progress=False)  # fmt: skip
+    d = build_data(
+        cfg,
+        seed=seed or recorded_seed,
+        channels=pre["channels"] if pre else None,
+        preprocess=pre,
+        progress=False,
+    )
     loader = d.train.as_eval(batch_size) if split == "train" else d.eval
     return [(x, y) for x, y in loader]
 
@@ -213,18 +231,31 @@ def build_data(
     )
     return Data(
         name=cfg.name,
-        train=TensorLoader(train.images, train.labels, batch_size=cfg.batch_size, train=True,
-                           augment=augment, pad=cfg.pad, **common),
-        eval=TensorLoader(evaluation.images, evaluation.labels, batch_size=cfg.eval_batch_size, train=False,
-                          **common),
+        train=TensorLoader(
+            train.images,
+            train.labels,
+            batch_size=cfg.batch_size,
+            train=True,
+            augment=augment,
+            pad=cfg.pad,
+            **common,
+        ),
+        eval=TensorLoader(
+            evaluation.images, evaluation.labels, batch_size=cfg.eval_batch_size, train=False, **common
+        ),
         eval_split=split,
         classes=train.classes,
         in_chans=in_chans,
-        preprocess={"kind": "resize" if train.images.ndim == 4 else "clip", "size": list(train.images.shape[2:]),
-                    "mean": list(mean), "std": list(std), "channels": in_chans},
+        preprocess={
+            "kind": "resize" if train.images.ndim == 4 else "clip",
+            "size": list(train.images.shape[2:]),
+            "mean": list(mean),
+            "std": list(std),
+            "channels": in_chans,
+        },
         skipped=skipped,
         class_counts=torch.bincount(train.labels, minlength=len(train.classes)).tolist(),
-    )  # fmt: skip
+    )
 
 
 def _convert_channels(a: ImageArrays, channels: int) -> ImageArrays:
@@ -271,19 +302,44 @@ def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, ran
         if cfg.mean and cfg.std:
             mean, std = tuple(cfg.mean), tuple(cfg.std)
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-    common = dict(channels=in_chans, workers=workers, seed=seed, device=device, channels_last=channels_last,
-                  rank=rank, world=world, mean=mean, std=std)  # fmt: skip
+    common = dict(
+        channels=in_chans,
+        workers=workers,
+        seed=seed,
+        device=device,
+        channels_last=channels_last,
+        rank=rank,
+        world=world,
+        mean=mean,
+        std=std,
+    )
     return Data(
         name=cfg.name,
-        train=FolderLoader(samples, imagenet_transforms(cfg.augment != "none", size, resize),
-                           batch_size=cfg.batch_size, train=True, eval_transform=imagenet_transforms(False, size, resize),
-                           **common),
-        eval=FolderLoader(evaluation, imagenet_transforms(False, size, resize),
-                          batch_size=cfg.eval_batch_size, train=False, **common),
+        train=FolderLoader(
+            samples,
+            imagenet_transforms(cfg.augment != "none", size, resize),
+            batch_size=cfg.batch_size,
+            train=True,
+            eval_transform=imagenet_transforms(False, size, resize),
+            **common,
+        ),
+        eval=FolderLoader(
+            evaluation,
+            imagenet_transforms(False, size, resize),
+            batch_size=cfg.eval_batch_size,
+            train=False,
+            **common,
+        ),
         eval_split=split,
         classes=classes,
         in_chans=in_chans,
-        preprocess={"kind": "imagenet", "size": [size, size], "resize": resize, "mean": list(mean),
-                    "std": list(std), "channels": in_chans},
+        preprocess={
+            "kind": "imagenet",
+            "size": [size, size],
+            "resize": resize,
+            "mean": list(mean),
+            "std": list(std),
+            "channels": in_chans,
+        },
         class_counts=torch.bincount(torch.tensor([y for _, y in samples]), minlength=len(classes)).tolist(),
-    )  # fmt: skip
+    )

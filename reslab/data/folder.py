@@ -130,9 +130,22 @@ class FolderLoader:
         draft: int | None = None,
         eval_transform=None,
     ) -> None:
-        self._args = dict(samples=samples, transform=eval_transform or transform, batch_size=batch_size, channels=channels,
-                          workers=workers, mean=mean, std=std, seed=seed, device=device, channels_last=channels_last,
-                          rank=rank, world=world, strict=strict, draft=draft)  # fmt: skip
+        self._args = dict(
+            samples=samples,
+            transform=eval_transform or transform,
+            batch_size=batch_size,
+            channels=channels,
+            workers=workers,
+            mean=mean,
+            std=std,
+            seed=seed,
+            device=device,
+            channels_last=channels_last,
+            rank=rank,
+            world=world,
+            strict=strict,
+            draft=draft,
+        )
         self.device = torch.device(device)
         self.train, self.batch_size, self.channels_last, self.strict = (
             train,
@@ -143,8 +156,9 @@ class FolderLoader:
         shape = (1, channels, 1, 1)
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
         self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(self.device)
-        self.sampler = SeededSampler(len(samples), shuffle=train, seed=seed, batch_size=batch_size,
-                                     rank=rank, world=world)  # fmt: skip
+        self.sampler = SeededSampler(
+            len(samples), shuffle=train, seed=seed, batch_size=batch_size, rank=rank, world=world
+        )
         self.loader = DataLoader(
             ImageFiles(samples, transform, channels, draft),
             batch_size=batch_size,

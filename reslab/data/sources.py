@@ -123,8 +123,11 @@ def load_mnist(root: str | os.PathLike, download: bool = False) -> tuple[ImageAr
 
         x = _read_idx(find("images-idx3-ubyte"))
         y = _read_idx(find("labels-idx1-ubyte"))
-        return ImageArrays(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)),
-                           [str(i) for i in range(10)])  # fmt: skip
+        return ImageArrays(
+            torch.from_numpy(x.copy()).unsqueeze(1),
+            torch.from_numpy(y.astype(np.int64)),
+            [str(i) for i in range(10)],
+        )
 
     return split("train"), split("t10k")
 
@@ -295,8 +298,16 @@ def decode_folder(split: FolderSplit, channels: int, cache_dir: Path, progress: 
     mode = "L" if channels == 1 else "RGB"
     jobs = [(p, mode) for p, _ in split.samples]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(tqdm(pool.map(_decode, jobs, chunksize=256), total=len(jobs), disable=not progress,
-                            desc=f"decoding {split.root.name}", unit="img", leave=False))  # fmt: skip
+        decoded = list(
+            tqdm(
+                pool.map(_decode, jobs, chunksize=256),
+                total=len(jobs),
+                disable=not progress,
+                desc=f"decoding {split.root.name}",
+                unit="img",
+                leave=False,
+            )
+        )
     skipped = [d for d in decoded if isinstance(d, str)]
     good = [(d, label) for d, (_, label) in zip(decoded, split.samples) if not isinstance(d, str)]
     if not good:
@@ -312,8 +323,13 @@ def decode_folder(split: FolderSplit, channels: int, cache_dir: Path, progress: 
     out = ImageArrays(images, labels, split.classes, skipped)
     from reslab.weights import atomic_save
 
-    blob = {"fingerprint": fingerprint, "images": images, "labels": labels, "classes": split.classes,
-            "skipped": skipped}  # fmt: skip
+    blob = {
+        "fingerprint": fingerprint,
+        "images": images,
+        "labels": labels,
+        "classes": split.classes,
+        "skipped": skipped,
+    }
     with contextlib.suppress(OSError):  # no writable cache: decode again next time
         atomic_save(blob, cache)
     return out

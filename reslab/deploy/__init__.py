@@ -29,6 +29,7 @@ def real_inputs(meta: dict[str, Any], images: str | Path | None = None, n: int =
     if not (meta.get("config") or {}).get("data"):
         raise ReslabError(f"{meta['path']}: no record of its data; pass --images DIR with a few real images")
     cfg, seed = checkpoint_data(meta, eval_batch_size=n)
-    loader = build_data(cfg, seed=seed, channels=meta["preprocess"]["channels"], preprocess=meta["preprocess"],
-                        progress=False).eval  # fmt: skip
+    loader = build_data(
+        cfg, seed=seed, channels=meta["preprocess"]["channels"], preprocess=meta["preprocess"], progress=False
+    ).eval
     return next(iter(loader))[0][:n].cpu()

@@ -148,8 +148,9 @@ def bench(
             if "ort-int8" in backends:
                 if onnx_int8 is None:
                     say("quantizing to int8 (random calibration inputs: speed only)")
-                    onnx_int8 = quantize_onnx(onnx_fp32, Path(tmp.name) / "model.int8.onnx",
-                                              torch.randn(32, model.in_chans, *size))  # fmt: skip
+                    onnx_int8 = quantize_onnx(
+                        onnx_fp32, Path(tmp.name) / "model.int8.onnx", torch.randn(32, model.in_chans, *size)
+                    )
                 runners["ort-int8"] = _ort_runner(onnx_int8, x)
         for backend, fn in runners.items():
             say(f"{backend} batch {bs}")
@@ -159,15 +160,33 @@ def bench(
             p50, p90 = np.percentile(times, [50, 90])
             gflops = 2 * macs_per_image * bs / p50 / 1e9
             agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
-            rows.append({"backend": backend, "batch": bs, "img_per_s": bs / p50, "p50_ms": 1e3 * p50,
-                         "p90_ms": 1e3 * p90, "spread_pct": 100 * (p90 - p50) / p50, "runs": len(times),
-                         "gflops_per_s": gflops, "peak_fraction": gflops / peak, "top1_agree": agree})  # fmt: skip
+            rows.append(
+                {
+                    "backend": backend,
+                    "batch": bs,
+                    "img_per_s": bs / p50,
+                    "p50_ms": 1e3 * p50,
+                    "p90_ms": 1e3 * p90,
+                    "spread_pct": 100 * (p90 - p50) / p50,
+                    "runs": len(times),
+                    "gflops_per_s": gflops,
+                    "peak_fraction": gflops / peak,
+                    "top1_agree": agree,
+                }
+            )
     tmp.cleanup()
     for row in rows:
         ref = next((r for r in rows if r["backend"] == "torchvision" and r["batch"] == row["batch"]), None)
         row["vs_torchvision"] = row["img_per_s"] / ref["img_per_s"] if ref else None
-    return {"model": name, "input_size": list(size), "device": device, "threads": torch.get_num_threads(),
-            "peak_gflops": peak, "gflops_per_image": 2 * macs_per_image / 1e9, "rows": rows}  # fmt: skip
+    return {
+        "model": name,
+        "input_size": list(size),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "peak_gflops": peak,
+        "gflops_per_image": 2 * macs_per_image / 1e9,
+        "rows": rows,
+    }
 
 
 def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:

@@ -24,8 +24,15 @@ OPSET = 18
 
 
 def _metadata(meta: dict[str, Any], fmt: str, batch: str | int, folded: bool) -> dict[str, Any]:
-    return {"arch": meta["arch"], "classes": meta["classes"], "preprocess": meta["preprocess"], "format": fmt,
-            "batch": batch, "folded_bn": folded, "input": "float32 NCHW, preprocessed as 'preprocess' says"}  # fmt: skip
+    return {
+        "arch": meta["arch"],
+        "classes": meta["classes"],
+        "preprocess": meta["preprocess"],
+        "format": fmt,
+        "batch": batch,
+        "folded_bn": folded,
+        "input": "float32 NCHW, preprocessed as 'preprocess' says",
+    }
 
 
 def write_onnx(
@@ -36,8 +43,18 @@ def write_onnx(
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=OPSET, external_data=False,
-                          input_names=["input"], output_names=["logits"], dynamic_shapes=shapes, verbose=False)  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=shapes,
+            verbose=False,
+        )
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -124,6 +141,8 @@ def export_model(
         tol = 1e-3 * max(1.0, ref.abs().max().item())
         report.update(verified_on=len(x), max_abs_diff=diff, top1_agreement=agree, tolerance=tol)
         if not diff <= tol or agree < 1.0:
-            raise ReslabError(f"{path}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
-                              f"top-1 agreement {100 * agree:.1f}% on {len(x)} images")  # fmt: skip
+            raise ReslabError(
+                f"{path}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
+                f"top-1 agreement {100 * agree:.1f}% on {len(x)} images"
+            )
     return report

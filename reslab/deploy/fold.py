@@ -35,11 +35,19 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         src = node.args[0]
         # look through no-op modules in between (e.g. a disabled dropout)
-        while (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Identity)
-               and len(src.users) == 1):  # fmt: skip
+        while (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules[src.target], nn.Identity)
+            and len(src.users) == 1
+        ):
             src = src.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], _CONVS)
-                and len(src.users) == 1):  # fmt: skip
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules[src.target], _CONVS)
+            and len(src.users) == 1
+        ):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -60,8 +68,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     pairs = conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                            bn.weight, bn.bias)  # fmt: skip
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
         fused = copy.deepcopy(conv)
         fused.weight, fused.bias = weight, bias
         _replace(model, conv_name, fused)

@@ -40,8 +40,15 @@ def quantize_onnx(fp32: Path, int8: Path, calibration: torch.Tensor, batch: int 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        quantize_static(
+            str(prepared),
+            str(int8),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     return int8
 
 
@@ -82,8 +89,13 @@ def onnx_latency(
     return {"p50_ms": 1e3 * p50, "p90_ms": 1e3 * p90, "img_per_s": shape[0] / p50}
 
 
-def quantize_report(checkpoint: str, out: str | None = None, calib: str | None = None, calib_n: int = 256,
-                    model: str | None = None) -> dict[str, Any]:  # fmt: skip
+def quantize_report(
+    checkpoint: str,
+    out: str | None = None,
+    calib: str | None = None,
+    calib_n: int = 256,
+    model: str | None = None,
+) -> dict[str, Any]:
     """Export fp32 ONNX, quantize to int8 on real calibration images, and compare accuracy on the
     checkpoint's real test set and speed at batch 1 and 8."""
     from reslab.data import build_data, checkpoint_data, fixed_batches
@@ -100,8 +112,13 @@ def quantize_report(checkpoint: str, out: str | None = None, calib: str | None =
     loader = None
     if (meta.get("config") or {}).get("data"):
         cfg, seed = checkpoint_data(meta, augment="none", batch_size=64, eval_batch_size=256)
-        data = build_data(cfg, seed=seed, channels=meta["preprocess"]["channels"], preprocess=meta["preprocess"],
-                          progress=False)  # fmt: skip
+        data = build_data(
+            cfg,
+            seed=seed,
+            channels=meta["preprocess"]["channels"],
+            preprocess=meta["preprocess"],
+            progress=False,
+        )
         loader = data.eval
         if calib is None:  # calibrate on training images, never on the test set
             calibration = torch.cat([x for x, _ in fixed_batches(meta, split="train", limit=calib_n)])[
@@ -117,8 +134,12 @@ def quantize_report(checkpoint: str, out: str | None = None, calib: str | None =
     report: dict[str, Any] = {"fp32": str(fp32), "int8": str(int8), "calibration_images": len(calibration)}
     if loader is not None:
         a, b = onnx_accuracy(fp32, loader), onnx_accuracy(int8, loader)
-        report.update(test_images=a["n"], fp32_top1_err=a["err"], int8_top1_err=b["err"],
-                      top1_agreement=(a["predictions"] == b["predictions"]).float().mean().item())  # fmt: skip
+        report.update(
+            test_images=a["n"],
+            fp32_top1_err=a["err"],
+            int8_top1_err=b["err"],
+            top1_agreement=(a["predictions"] == b["predictions"]).float().mean().item(),
+        )
     shape_tail = (meta["preprocess"]["channels"], *meta["preprocess"]["size"])
     for bs in (1, 8):
         for tag, path in (("fp32", fp32), ("int8", int8)):

@@ -104,8 +104,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0,
-                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
     """SGD or AdamW over ``groups`` (default: all parameters); norm weights and biases optionally
     without weight decay (modern recipes)."""
     o = cfg.optim
@@ -113,8 +114,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0,
         {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}
     ]
     if not o.decay_norm_and_bias:  # split each group into its decayed and its 1-D parameters
-        groups = [{**g, "params": [p for p in g["params"] if (p.ndim <= 1) == nd], **({"weight_decay": 0.0} if nd else {})}
-                  for g in groups for nd in (False, True)]  # fmt: skip
+        groups = [
+            {
+                **g,
+                "params": [p for p in g["params"] if (p.ndim <= 1) == nd],
+                **({"weight_decay": 0.0} if nd else {}),
+            }
+            for g in groups
+            for nd in (False, True)
+        ]
         groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = g.get("lr", o.lr) * lr_scale
@@ -155,11 +163,19 @@ def train_one_epoch(
     world_batch = loader.batch_size * dist.world_size()
     # The per-step NaN check reads one process's loss: alone, and only where the sync is cheap.
     check_every = 1 if device.type == "cpu" and dist.world_size() == 1 else cfg.log_every
-    window = {"loss": torch.zeros((), device=device, dtype=torch.float64), "err": torch.zeros((), device=device,
-              dtype=torch.float64), "n": 0, "t": time.perf_counter()}  # fmt: skip
+    window = {
+        "loss": torch.zeros((), device=device, dtype=torch.float64),
+        "err": torch.zeros((), device=device, dtype=torch.float64),
+        "n": 0,
+        "t": time.perf_counter(),
+    }
     steps = len(loader)
-    bar = _progress(cfg, total=steps * loader.batch_size, initial=state.step * loader.batch_size,
-                    desc=f"epoch {state.epoch + 1}")  # fmt: skip
+    bar = _progress(
+        cfg,
+        total=steps * loader.batch_size,
+        initial=state.step * loader.batch_size,
+        desc=f"epoch {state.epoch + 1}",
+    )
     t_step = time.perf_counter()
     ran_out = True
     for x, y in loader:
@@ -204,8 +220,12 @@ def train_one_epoch(
         if state.iteration % cfg.log_every == 0 or state.step == steps:
             row = _flush_window(window, state, optimizer, log)
             if bar is not None and row:
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", err=f"{100 * row['train_err']:.1f}%",
-                                lr=f"{row['lr']:.3g}", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}",
+                    err=f"{100 * row['train_err']:.1f}%",
+                    lr=f"{row['lr']:.3g}",
+                    refresh=False,
+                )
         if bar is not None:
             bar.update(n)
         if on_step is not None:
@@ -230,16 +250,25 @@ def _flush_window(window: dict, state: TrainState, optimizer, log: RunLog | None
     """Fold the logging window into the epoch's sums and write (and return) an iteration row."""
     loss, err, n = dist.all_reduce_sum(window["loss"], window["err"], window["n"])
     if not math.isfinite(loss):
-        raise NonFiniteLoss(f"the loss became {loss} by iteration {state.iteration}; the last good checkpoint is "
-                            "kept. Lower optim.lr, add warm-up (sched.warmup_iters=400) or clip gradients (grad_clip=1.0)")  # fmt: skip
+        raise NonFiniteLoss(
+            f"the loss became {loss} by iteration {state.iteration}; the last good checkpoint is "
+            "kept. Lower optim.lr, add warm-up (sched.warmup_iters=400) or clip gradients (grad_clip=1.0)"
+        )
     state.sums["loss"] += loss
     state.sums["err"] += err
     state.sums["n"] += n
     elapsed = time.perf_counter() - window["t"]
     row = None
     if n:
-        row = {"kind": "iter", "iteration": state.iteration, "epoch": state.epoch + 1, "train_loss": loss / n,
-               "train_err": err / n, "lr": optimizer.param_groups[0]["lr"], "img_s": n / max(elapsed, 1e-9)}  # fmt: skip
+        row = {
+            "kind": "iter",
+            "iteration": state.iteration,
+            "epoch": state.epoch + 1,
+            "train_loss": loss / n,
+            "train_err": err / n,
+            "lr": optimizer.param_groups[0]["lr"],
+            "img_s": n / max(elapsed, 1e-9),
+        }
         if log is not None:
             log.log(row)
     window["loss"].zero_()
@@ -277,8 +306,13 @@ class EvalStats:
         if self.confusion is None:
             raise ReslabError("evaluation data is empty")
         loss, err1, err5, n = dist.all_reduce_sum(self.loss, self.err1, self.err5, self.n)
-        return {"loss": loss / n, "err": err1 / n, "top5_err": err5 / n, "n": int(n),
-                "confusion": dist.all_reduce_tensor(self.confusion).cpu()}  # fmt: skip
+        return {
+            "loss": loss / n,
+            "err": err1 / n,
+            "top5_err": err5 / n,
+            "n": int(n),
+            "confusion": dist.all_reduce_tensor(self.confusion).cpu(),
+        }
 
 
 @torch.no_grad()
@@ -360,10 +394,16 @@ def _code_version() -> str:
 
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=5).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     return f"reslab {__version__}" + (f" (git {commit}{'+dirty' if dirty else ''})" if commit else "")
@@ -424,8 +464,11 @@ def _report_data(data, ctx: dist.DistContext) -> None:
         )
     if data.class_counts and min(data.class_counts) * 1.5 < max(data.class_counts):
         counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts, strict=True))
-        print(f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
-              "so see the per-class accuracy in eval.json", file=sys.stderr)  # fmt: skip
+        print(
+            f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
+            "so see the per-class accuracy in eval.json",
+            file=sys.stderr,
+        )
 
 
 def _build_model(
@@ -443,8 +486,9 @@ def _build_model(
             raise ReslabError(
                 "finetune.source is not set: use reslab finetune --from SOURCE (or finetune=null)"
             )
-        model = build_finetune_model(load_source(ft.source, cfg.model), num_classes, data.in_chans, ft, cfg.model,
-                                     model_args)  # fmt: skip
+        model = build_finetune_model(
+            load_source(ft.source, cfg.model), num_classes, data.in_chans, ft, cfg.model, model_args
+        )
     else:
         model = create_model(cfg.model, num_classes=num_classes, in_chans=data.in_chans, **model_args)
     if ft is None:
@@ -460,8 +504,9 @@ def _build_model(
     return model, freezer
 
 
-def _restore(ckpt: dict[str, Any], model, optimizer, scaler, ema, world: int, global_batch: int, device
-             ) -> tuple[TrainState, Budget]:  # fmt: skip
+def _restore(
+    ckpt: dict[str, Any], model, optimizer, scaler, ema, world: int, global_batch: int, device
+) -> tuple[TrainState, Budget]:
     """Load a checkpoint's model, optimizer, scaler, EMA, RNG and progress into this run."""
     model.load_state_dict(ckpt["model"])
     fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
@@ -483,8 +528,10 @@ def _write_header(run_dir: Path, cfg: TrainConfig, device, world: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     with open(run_dir / "command.txt", "a") as f:
-        f.write(f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
-                f"  cwd {os.getcwd()}; {_code_version()}; torch {torch.__version__}; device {device}; world {world}\n")  # fmt: skip
+        f.write(
+            f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
+            f"  cwd {os.getcwd()}; {_code_version()}; torch {torch.__version__}; device {device}; world {world}\n"
+        )
 
 
 def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResult:
@@ -498,21 +545,33 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model_args = dict(cfg.model_args)
-    data = build_data(cfg.data, seed=cfg.seed, device=device, channels=model_args.pop("in_chans", None),
-                      channels_last=cfg.channels_last, rank=ctx.rank, world=ctx.world,
-                      progress=cfg.progress and ctx.is_main)  # fmt: skip
+    data = build_data(
+        cfg.data,
+        seed=cfg.seed,
+        device=device,
+        channels=model_args.pop("in_chans", None),
+        channels_last=cfg.channels_last,
+        rank=ctx.rank,
+        world=ctx.world,
+        progress=cfg.progress and ctx.is_main,
+    )
     num_classes = model_args.pop("num_classes", len(data.classes))
     if num_classes != len(data.classes):
-        raise ReslabError(f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
-                          f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})")  # fmt: skip
+        raise ReslabError(
+            f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
+            f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
+        )
     _report_data(data, ctx)
-    model, freezer = _build_model(cfg, data, num_classes, model_args, ckpt is None,
-                                  ckpt["state"]["epoch"] if ckpt else 0)  # fmt: skip
+    model, freezer = _build_model(
+        cfg, data, num_classes, model_args, ckpt is None, ckpt["state"]["epoch"] if ckpt else 0
+    )
     model = model.to(device)
     if cfg.sync_bn and ctx.world > 1:
         if device.type != "cuda":
-            raise ReslabError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs only under CUDA); on CPUs use "
-                              "a per-process batch of 16 or more")  # fmt: skip
+            raise ReslabError(
+                "--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs only under CUDA); on CPUs use "
+                "a per-process batch of 16 or more"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -529,8 +588,10 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
-        raise ReslabError(f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
-                          "lower data.batch_size")  # fmt: skip
+        raise ReslabError(
+            f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
+            "lower data.batch_size"
+        )
     budget = Budget(cfg.iters or math.ceil((cfg.epochs or 1) * steps_per_epoch), global_batch)
     state = TrainState()
     if ckpt is not None:
@@ -540,8 +601,16 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    meta = {"arch": cfg.model, "model_args": model_args, "num_classes": num_classes, "in_chans": data.in_chans,
-            "classes": data.classes, "preprocess": data.preprocess, "budget": budget.__dict__, "world": ctx.world}  # fmt: skip
+    meta = {
+        "arch": cfg.model,
+        "model_args": model_args,
+        "num_classes": num_classes,
+        "in_chans": data.in_chans,
+        "classes": data.classes,
+        "preprocess": data.preprocess,
+        "budget": budget.__dict__,
+        "world": ctx.world,
+    }
     log = None
     if ctx.is_main:
         _write_header(run_dir, cfg, device, ctx.world)
@@ -549,16 +618,21 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
         if ckpt is not None:
             log.truncate_after(state.iteration)
         _warn_small_batch(model, cfg.data.batch_size)
-        print(f"reslab: training {cfg.model} on {data.name} ({data.train.num_samples * ctx.world} train / "
-              f"{data.eval.num_samples * ctx.world} {data.eval_split} images, {len(data.classes)} classes) for "
-              f"{budget.total_iters} iterations ({total_epochs} epochs) on {device}"
-              + (f" x {ctx.world} processes" if ctx.world > 1 else "") + f"; run directory {run_dir}")  # fmt: skip
+        print(
+            f"reslab: training {cfg.model} on {data.name} ({data.train.num_samples * ctx.world} train / "
+            f"{data.eval.num_samples * ctx.world} {data.eval_split} images, {len(data.classes)} classes) for "
+            f"{budget.total_iters} iterations ({total_epochs} epochs) on {device}"
+            + (f" x {ctx.world} processes" if ctx.world > 1 else "")
+            + f"; run directory {run_dir}"
+        )
 
     def save(name: str) -> None:
         if ctx.is_main:
             if not _all_finite(model):
-                raise NonFiniteLoss(f"the weights are no longer finite at iteration {state.iteration}; "
-                                    f"not saving over {run_dir / name}")  # fmt: skip
+                raise NonFiniteLoss(
+                    f"the weights are no longer finite at iteration {state.iteration}; "
+                    f"not saving over {run_dir / name}"
+                )
             atomic_save(_checkpoint(model, optimizer, scaler, ema, state, cfg, data, meta), run_dir / name)
 
     def periodic_eval(st: TrainState) -> None:
@@ -566,8 +640,16 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
         if every and st.iteration % every == 0 and st.step < steps_per_epoch and not budget.done(st):
             ev = evaluate(model, data.eval, device, cfg.amp)
             if log is not None:
-                log.log({"kind": "eval", "iteration": st.iteration, "epoch": st.epoch + 1, "eval_loss": ev["loss"],
-                         "eval_err": ev["err"], "eval_top5_err": ev["top5_err"]})  # fmt: skip
+                log.log(
+                    {
+                        "kind": "eval",
+                        "iteration": st.iteration,
+                        "epoch": st.epoch + 1,
+                        "eval_loss": ev["loss"],
+                        "eval_err": ev["err"],
+                        "eval_top5_err": ev["top5_err"],
+                    }
+                )
 
     t0 = time.perf_counter()
     last_row: dict[str, Any] = {}
@@ -580,13 +662,26 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
                     if ctx.is_main and (state.epoch == 0 or state.epoch in dict(freezer.events)):
                         print(f"reslab: epoch {state.epoch + 1}: training {', '.join(trainable)}", flush=True)
                 data.train.set_epoch(state.epoch, state.epoch_samples)
-                ran_out = train_one_epoch(train_model, data.train, optimizer, state, cfg, budget=budget, device=device,
-                                          scaler=scaler, ema=ema, log=log, stop=stop, on_step=periodic_eval)  # fmt: skip
+                ran_out = train_one_epoch(
+                    train_model,
+                    data.train,
+                    optimizer,
+                    state,
+                    cfg,
+                    budget=budget,
+                    device=device,
+                    scaler=scaler,
+                    ema=ema,
+                    log=log,
+                    stop=stop,
+                    on_step=periodic_eval,
+                )
                 stop.requested = dist.any_flag(stop.requested)
                 finished_epoch = ran_out or budget.done(state)
                 if finished_epoch:
-                    last_row, ev = _end_epoch(model, ema, data, state, cfg, optimizer, budget, device, log,
-                                              total_epochs, save)  # fmt: skip
+                    last_row, ev = _end_epoch(
+                        model, ema, data, state, cfg, optimizer, budget, device, log, total_epochs, save
+                    )
                     last_eval = ev or last_eval
                 if stop.requested:
                     save("last.pt")
@@ -600,40 +695,89 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResu
             log.close()
     if last_eval is None or last_row.get("iteration") != state.iteration:  # e.g. a finished run resumed
         last_eval = evaluate(model, data.eval, device, cfg.amp)
-        last_row = {**last_row, "eval_err": last_eval["err"], "eval_loss": last_eval["loss"],
-                    "eval_top5_err": last_eval["top5_err"], "train_err": last_row.get("train_err", math.nan)}  # fmt: skip
+        last_row = {
+            **last_row,
+            "eval_err": last_eval["err"],
+            "eval_loss": last_eval["loss"],
+            "eval_top5_err": last_eval["top5_err"],
+            "train_err": last_row.get("train_err", math.nan),
+        }
     return _finish(run_dir, cfg, data, state, last_row, last_eval, device, ctx, time.perf_counter() - t0)
 
 
-def _finish(run_dir: Path, cfg: TrainConfig, data, state: TrainState, last_row: dict[str, Any],
-            last_eval: dict[str, Any], device, ctx: dist.DistContext, seconds: float) -> RunResult:  # fmt: skip
+def _finish(
+    run_dir: Path,
+    cfg: TrainConfig,
+    data,
+    state: TrainState,
+    last_row: dict[str, Any],
+    last_eval: dict[str, Any],
+    device,
+    ctx: dist.DistContext,
+    seconds: float,
+) -> RunResult:
     """The final evaluation report, summary.json and the curves."""
     from reslab.inference import eval_report
 
-    report = eval_report(last_eval, data.classes, run_dir if ctx.is_main else None,
-                         f"{cfg.model} on {data.name} {data.eval_split}: {100 * last_eval['err']:.2f}% error")  # fmt: skip
-    summary = {"model": cfg.model, "data": data.name, "eval_split": data.eval_split, "iterations": state.iteration,
-               "epochs": state.epoch, "eval_err": last_row["eval_err"], "eval_loss": last_row["eval_loss"],
-               "eval_top5_err": last_row.get("eval_top5_err"), "train_err": last_row["train_err"],
-               "best_eval_err": state.best_err, "best_iteration": state.best_iteration,
-               "train_seconds": state.sums.get("total_time", seconds), "device": str(device), "world": ctx.world,
-               "per_class_acc": report["per_class_acc"], "confusion_png": report.get("confusion_png")}  # fmt: skip
+    report = eval_report(
+        last_eval,
+        data.classes,
+        run_dir if ctx.is_main else None,
+        f"{cfg.model} on {data.name} {data.eval_split}: {100 * last_eval['err']:.2f}% error",
+    )
+    summary = {
+        "model": cfg.model,
+        "data": data.name,
+        "eval_split": data.eval_split,
+        "iterations": state.iteration,
+        "epochs": state.epoch,
+        "eval_err": last_row["eval_err"],
+        "eval_loss": last_row["eval_loss"],
+        "eval_top5_err": last_row.get("eval_top5_err"),
+        "train_err": last_row["train_err"],
+        "best_eval_err": state.best_err,
+        "best_iteration": state.best_iteration,
+        "train_seconds": state.sums.get("total_time", seconds),
+        "device": str(device),
+        "world": ctx.world,
+        "per_class_acc": report["per_class_acc"],
+        "confusion_png": report.get("confusion_png"),
+    }
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
-    return RunResult(run_dir, last_row["eval_err"], last_row["eval_loss"], data.eval_split, state.iteration,
-                     last_row["train_err"], seconds, state.best_err, summary)  # fmt: skip
+    return RunResult(
+        run_dir,
+        last_row["eval_err"],
+        last_row["eval_loss"],
+        data.eval_split,
+        state.iteration,
+        last_row["train_err"],
+        seconds,
+        state.best_err,
+        summary,
+    )
 
 
-def _end_epoch(model, ema, data, state, cfg, optimizer, budget, device, log, total_epochs, save
-               ) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+def _end_epoch(
+    model, ema, data, state, cfg, optimizer, budget, device, log, total_epochs, save
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Close an epoch: its summary row, an evaluation when due, best.pt and last.pt."""
     sums = state.sums
-    row = {"kind": "epoch", "epoch": state.epoch + 1, "iteration": state.iteration,
-           "train_loss": sums["loss"] / max(1, sums["n"]), "train_err": sums["err"] / max(1, sums["n"]),
-           "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": sums["time"],
-           "img_s": sums["n"] / max(sums["time"], 1e-9), "eval_loss": None, "eval_err": None,
-           "eval_top5_err": None, "ema_eval_err": None}  # fmt: skip
+    row = {
+        "kind": "epoch",
+        "epoch": state.epoch + 1,
+        "iteration": state.iteration,
+        "train_loss": sums["loss"] / max(1, sums["n"]),
+        "train_err": sums["err"] / max(1, sums["n"]),
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_time_s": sums["time"],
+        "img_s": sums["n"] / max(sums["time"], 1e-9),
+        "eval_loss": None,
+        "eval_err": None,
+        "eval_top5_err": None,
+        "ema_eval_err": None,
+    }
     state.epoch += 1
     state.step = state.epoch_samples = 0
     total_time = sums.get("total_time", 0.0) + sums["time"]

@@ -8,8 +8,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-EPOCH_COLUMNS = ("epoch", "iteration", "train_loss", "train_err", "eval_loss", "eval_err", "eval_top5_err",
-                 "ema_eval_err", "lr", "epoch_time_s", "img_s")  # fmt: skip
+EPOCH_COLUMNS = (
+    "epoch",
+    "iteration",
+    "train_loss",
+    "train_err",
+    "eval_loss",
+    "eval_err",
+    "eval_top5_err",
+    "ema_eval_err",
+    "lr",
+    "epoch_time_s",
+    "img_s",
+)
 
 
 class RunLog:

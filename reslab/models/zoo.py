@@ -56,13 +56,21 @@ def _register_core() -> None:
 
 def _register_family() -> None:
     # ResNeXt (cardinality x width per group) and wide ImageNet ResNets: torchvision's definitions.
-    for name, depth, groups, width in (("resnext50_32x4d", 50, 32, 4), ("resnext101_32x8d", 101, 32, 8),
-                                       ("resnext101_64x4d", 101, 64, 4), ("wide_resnet50_2", 50, 1, 128),
-                                       ("wide_resnet101_2", 101, 1, 128)):  # fmt: skip
+    for name, depth, groups, width in (
+        ("resnext50_32x4d", 50, 32, 4),
+        ("resnext101_32x8d", 101, 32, 8),
+        ("resnext101_64x4d", 101, 64, 4),
+        ("wide_resnet50_2", 50, 1, 128),
+        ("wide_resnet101_2", 101, 1, 128),
+    ):
         _, depths = IMAGENET_DEPTHS[depth]
         spec = ResNetSpec(block="bottleneck", depths=depths, groups=groups, base_width=width, **IMAGENET)
-        register_model(name, spec, family="ResNeXt" if groups > 1 else "Wide ResNet (ImageNet)",
-                       paper=XIE2017 if groups > 1 else WRN2016)  # fmt: skip
+        register_model(
+            name,
+            spec,
+            family="ResNeXt" if groups > 1 else "Wide ResNet (ImageNet)",
+            paper=XIE2017 if groups > 1 else WRN2016,
+        )
 
     # Pre-activation ResNets: BN-ReLU-conv, identity path left clean, projections where shapes change.
     for depth, (block, depths) in IMAGENET_DEPTHS.items():
@@ -86,8 +94,17 @@ def _register_family() -> None:
         "resnext50d_32x4d": ("bottleneck", (3, 4, 6, 3), 64, "D", 32, None),
     }
     for name, (block, depths, stem_width, shortcut, groups, attn) in tricks.items():
-        spec = ResNetSpec(block=block, depths=depths, widths=IMAGENET["widths"], stem="deep", stem_width=stem_width,
-                          shortcut=shortcut, groups=groups, base_width=4 if groups > 1 else 64, attn=attn)  # fmt: skip
+        spec = ResNetSpec(
+            block=block,
+            depths=depths,
+            widths=IMAGENET["widths"],
+            stem="deep",
+            stem_width=stem_width,
+            shortcut=shortcut,
+            groups=groups,
+            base_width=4 if groups > 1 else 64,
+            attn=attn,
+        )
         register_model(name, spec, family="ResNet-C/D/S", paper=HE2019)
     for depth in (18, 34, 50, 101, 152):
         block, depths = IMAGENET_DEPTHS[depth]
@@ -95,15 +112,32 @@ def _register_family() -> None:
         register_model(f"seresnet{depth}", spec, family="SE-ResNet", paper=HU2018)
 
     # 3D ResNets for video clips: the same wiring with 3D, frame-wise or (2+1)D convs.
-    video = dict(ndim=3, layout="grouped", stem="video", num_classes=400, input_size=(16, 112, 112),
-                 widths=IMAGENET["widths"], stem_width=64)  # fmt: skip
+    video = dict(
+        ndim=3,
+        layout="grouped",
+        stem="video",
+        num_classes=400,
+        input_size=(16, 112, 112),
+        widths=IMAGENET["widths"],
+        stem_width=64,
+    )
     register_model(
         "r3d_18", ResNetSpec(block="basic", depths=(2, 2, 2, 2), **video), family="video", paper=TRAN2018
     )
-    register_model("mc3_18", ResNetSpec(block="basic", depths=(2, 2, 2, 2), conv=("standard",) + ("no_temporal",) * 3,
-                                        **video), family="video", paper=TRAN2018)  # fmt: skip
-    register_model("r2plus1d_18", ResNetSpec(block="basic", depths=(2, 2, 2, 2), conv=("2plus1d",),
-                                             **{**video, "stem": "video_2plus1d"}), family="video", paper=TRAN2018)  # fmt: skip
+    register_model(
+        "mc3_18",
+        ResNetSpec(block="basic", depths=(2, 2, 2, 2), conv=("standard",) + ("no_temporal",) * 3, **video),
+        family="video",
+        paper=TRAN2018,
+    )
+    register_model(
+        "r2plus1d_18",
+        ResNetSpec(
+            block="basic", depths=(2, 2, 2, 2), conv=("2plus1d",), **{**video, "stem": "video_2plus1d"}
+        ),
+        family="video",
+        paper=TRAN2018,
+    )
     for depth in (34, 50):
         block, depths = IMAGENET_DEPTHS[depth]
         register_model(
@@ -116,8 +150,12 @@ def _register_family() -> None:
         register_model(
             f"wrn{depth}_{k}", wide_resnet_spec(depth, k), family="Wide ResNet (CIFAR)", paper=WRN2016
         )
-    register_pattern(r"wrn(\d+)_(\d+)", lambda m: ModelEntry(m.group(0), wide_resnet_spec(int(m.group(1)),
-                     int(m.group(2))), "Wide ResNet (CIFAR)", WRN2016))  # fmt: skip
+    register_pattern(
+        r"wrn(\d+)_(\d+)",
+        lambda m: ModelEntry(
+            m.group(0), wide_resnet_spec(int(m.group(1)), int(m.group(2))), "Wide ResNet (CIFAR)", WRN2016
+        ),
+    )
 
 
 def wide_resnet_spec(depth: int, k: int) -> ResNetSpec:

@@ -60,8 +60,9 @@ def evaluate_count(n: int) -> None:
     ctx = dist.setup("cpu")
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(n) % 3
-    loader = TensorLoader(images, labels, batch_size=4, train=False, mean=(0.5,), std=(0.5,), rank=ctx.rank,
-                          world=ctx.world)  # fmt: skip
+    loader = TensorLoader(
+        images, labels, batch_size=4, train=False, mean=(0.5,), std=(0.5,), rank=ctx.rank, world=ctx.world
+    )
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     torch.manual_seed(0)
     result = evaluate(model, loader, torch.device("cpu"))
