@@ -45,9 +45,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def _models(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/models.md)")
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.complexity import model_stats
+        from reslab.complexity import model_stats, models_markdown
         from reslab.models import list_models
 
         names = list_models(args.pattern)
@@ -56,6 +57,9 @@ def _models(p: argparse.ArgumentParser) -> Handler:
         stats = [model_stats(n) for n in names]
         if args.json:
             print(json.dumps(stats, indent=1))
+            return 0
+        if args.markdown:
+            print(models_markdown(stats))
             return 0
         for s in stats:
             s["params_m"] = f"{s['params'] / 1e6:.2f}M"

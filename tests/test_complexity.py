@@ -70,3 +70,15 @@ def test_cache_is_keyed_by_spec(tmp_path, monkeypatch) -> None:
     first = model_stats("resnet20")
     assert (tmp_path / "complexity.json").exists()
     assert model_stats("resnet20") == first
+
+
+def test_models_doc_matches_the_golden_table() -> None:
+    """docs/models.md is generated (`reslab models --markdown`); it must not drift from the models."""
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| \d+ \| ([\d.]+)M \| [\d.]+ \|", doc, re.M))
+    golden = json.loads(GOLDEN.read_text())
+    assert set(rows) == set(list_models()), "regenerate: reslab models --markdown > docs/models.md"
+    for name, params in rows.items():
+        assert float(params) == round(golden[name]["params"] / 1e6, 2), name

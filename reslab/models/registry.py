@@ -60,6 +60,11 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted((n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)), key=_natural_key)
 
 
+def families() -> list[str]:
+    """Model families in the order they were registered (the paper's first)."""
+    return list(dict.fromkeys(e.family for e in _REGISTRY.values()))
+
+
 def get_model_entry(name: str) -> ModelEntry:
     if name in _REGISTRY:
         return _REGISTRY[name]
