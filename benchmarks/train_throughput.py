@@ -26,21 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from reslab import create_model
 from reslab.config import load_config
 from reslab.data import build_data
+from reslab.deploy.bench import matmul_peak
 from reslab.engine.loop import Budget, TrainState, build_optimizer, train_one_epoch
-
-
-def matmul_peak(seconds: float = 3.0) -> float:
-    """Best fp32 GFLOP/s of large square matmuls on this machine."""
-    best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def train_flops_per_image(name: str) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from reslab.data.memory import step_seed
+from reslab.data.memory import Uint8Normalizer, step_seed
 from reslab.errors import ReslabError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -153,9 +153,7 @@ class FolderLoader:
             channels_last,
             strict,
         )
-        shape = (1, channels, 1, 1)
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(self.device)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(self.device)
+        self.normalize = Uint8Normalizer(mean, std, 4, self.device)
         self.sampler = SeededSampler(
             len(samples), shuffle=train, seed=seed, batch_size=batch_size, rank=rank, world=world
         )
@@ -195,7 +193,4 @@ class FolderLoader:
             self.skipped.extend(skipped)
             if len(y) == 0:
                 continue
-            x = (x.to(self.device, non_blocking=True).float() - self.shift) * self.scale
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            yield self.normalize(x, self.channels_last), y.to(self.device, non_blocking=True)
