@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -223,15 +224,20 @@ def _train(p: argparse.ArgumentParser) -> Handler:
 
 
 def _fit_and_report(cfg, resume: str | None = None) -> int:
-    """Train, then say where everything is; an interrupted run exits 130 after saving."""
+    """Train, then say where everything is; an interrupted run exits 130 after saving. Under torchrun
+    every process trains and rank 0 alone reports."""
     from reslab.engine import fit
     from reslab.engine.loop import TrainingInterrupted
 
+    report = int(os.environ.get("RANK", "0")) == 0
     try:
         result = fit(cfg, resume=resume)
     except TrainingInterrupted as e:
-        print(f"reslab: {e}", file=sys.stderr)
+        if report:
+            print(f"reslab: {e}", file=sys.stderr)
         return 130
+    if not report:
+        return 0
     s = result.summary
     print(
         f"\ndone: {result.eval_split} error {100 * s['eval_err']:.2f}% (top-5 {100 * s['eval_top5_err']:.2f}%) "
@@ -243,6 +249,7 @@ def _fit_and_report(cfg, resume: str | None = None) -> int:
     print(
         f"  metrics        {result.run_dir / 'metrics.csv'}, {result.run_dir / 'summary.json'}, tensorboard/"
     )
+    return 0
 
 
 @command(
