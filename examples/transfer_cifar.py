@@ -88,7 +88,13 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.draws):
         draw = out / f"draw{seed}"
         target = str(build_target(cifar, draw / "target", args.per_class, seed))
-        common = {"epochs": args.epochs, "data.batch_size": 25, "seed": seed, "log_every": 4}
+        common = {
+            "epochs": args.epochs,
+            "data.batch_size": 25,
+            "seed": seed,
+            "log_every": 4,
+            "eval_every": 10,  # the 2,000 test images cost more than an epoch on 100
+        }
         methods = {
             "a_scratch": lambda o, c=common, t=target: load_config(
                 "finetune",
