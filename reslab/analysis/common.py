@@ -20,6 +20,13 @@ def study_dir(out: str | Path | None, study: str) -> Path:
     return path
 
 
+def checkpoint_label(path: str | Path, meta: dict[str, Any]) -> str:
+    """How plots and tables name a checkpoint: its architecture and ``run/file`` (two checkpoints of
+    one run, e.g. ``best.pt`` and ``last.pt``, stay apart)."""
+    path = Path(path)
+    return f"{meta['arch']} ({path.parent.name}/{path.name})"
+
+
 def write_summary(out: Path, study: str, summary: dict[str, Any], markdown: str) -> None:
     """``summary.json`` (the numbers) and ``summary.md`` (a short human summary) of a study."""
     (out / "summary.json").write_text(json.dumps({"study": study, **summary}, indent=1, default=float))

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from reslab.analysis.common import error_and_loss, finish, md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import (
+    checkpoint_label,
+    error_and_loss,
+    finish,
+    md_table,
+    pyplot,
+    study_dir,
+    write_summary,
+)
 from reslab.data import fixed_batches
 
 
@@ -129,7 +137,7 @@ def run(
     results = []
     loaded = [load_checkpoint(c) for c in checkpoints]
     for i, (path, (model, meta)) in enumerate(zip(checkpoints, loaded, strict=True)):
-        label = f"{meta['arch']} ({Path(path).parent.name})"
+        label = checkpoint_label(path, meta)
         tag = f"{i}_{meta['arch']}"
         batches = None if replot else fixed_batches(meta, split="train", limit=samples)
         g = torch.Generator().manual_seed(seed)

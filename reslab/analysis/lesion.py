@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from reslab.analysis.common import (
+    checkpoint_label,
     error_and_loss,
     finish,
     lesioned,
@@ -95,7 +96,7 @@ def run(
                 "checkpoint": str(path),
                 "arch": meta["arch"],
                 "residual": model.spec.residual,
-                "label": f"{meta['arch']} ({Path(path).parent.name})",
+                "label": checkpoint_label(path, meta),
                 "base_error": base,
                 "blocks": len(blocks),
                 "removable": len(ok),

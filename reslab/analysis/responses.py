@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.data import fixed_batches
 
 
@@ -62,7 +62,7 @@ def run(
         model, meta = load_checkpoint(path)
         batches = fixed_batches(meta, split="test", limit=limit, data=data, data_dir=data_dir)
         stds = layer_response_stds(model, batches)
-        label = f"{meta['arch']} ({Path(path).parent.name}/{Path(path).name})"
+        label = checkpoint_label(path, meta)
         results.append(
             {
                 "checkpoint": str(path),
