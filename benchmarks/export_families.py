@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from reslab import create_model, list_models
+from reslab.data import default_preprocess, image_loader, list_images
 from reslab.deploy.export import FORMATS, export_model
-from reslab.inference import default_preprocess, image_loader, list_images
+from reslab.engine import Checkpoint
 from reslab.models import get_model_entry
 
 
@@ -51,14 +52,14 @@ def main() -> None:
                     if isinstance(m, nn.BatchNorm2d):
                         m.running_mean.uniform_(-0.1, 0.1)
                         m.running_var.uniform_(0.5, 1.5)
-            pre = default_preprocess(name, 3)
-            meta = {"arch": name, "classes": [str(i) for i in range(model.num_classes)], "preprocess": pre}
+            pre = default_preprocess(name, 3, tuple(str(i) for i in range(model.num_classes)))
+            ckpt = Checkpoint(model, name, pre, path=name)
             x = torch.cat([b for b, _ in image_loader(files, pre, batch_size=8, workers=0)])
             for fmt, suffix in FORMATS.items():
                 t0 = time.perf_counter()
                 try:
                     r = export_model(
-                        model, meta, fmt, Path(tmp) / f"{name}{suffix}", fold_bn=args.fold_bn, verify_inputs=x
+                        ckpt, fmt, Path(tmp) / f"{name}{suffix}", fold_bn=args.fold_bn, verify_inputs=x
                     )
                     status = "ok"
                 except Exception as e:  # a failed export is a row of the table, not the end of the run

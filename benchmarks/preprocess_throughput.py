@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from reslab.inference import default_preprocess, image_loader
+from reslab.data import default_preprocess, image_loader
 
 
 class ReferenceFiles(Dataset):

@@ -25,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reslab import create_model
 from reslab.config import load_config
-from reslab.data import build_data
-from reslab.deploy.bench import matmul_peak
-from reslab.engine.loop import Budget, TrainState, build_optimizer, train_one_epoch
+from reslab.data import Placement, build_data
+from reslab.deploy.timing import matmul_peak
+from reslab.engine import Budget, TrainState, TrainStep, build_optimizer, train_one_epoch
 
 
 def train_flops_per_image(name: str) -> float:
@@ -87,20 +87,17 @@ def reslab_img_s(name: str, root: Path, iters: int, compile: bool) -> float:
             "log_every": 10**6,
         },
     )
-    data = build_data(cfg.data, seed=0, channels_last=cfg.channels_last, progress=False)
+    data = build_data(cfg.data, place=Placement(channels_last=cfg.channels_last), progress=False)
     model = create_model(name).to(memory_format=torch.channels_last)
     train_model = torch.compile(model) if compile else model
-    opt = build_optimizer(model, cfg)
+    step = TrainStep(train_model, build_optimizer(model, cfg), cfg, torch.device("cpu"))
     state = TrainState()
-    device = torch.device("cpu")
     batch = cfg.data.batch_size
     data.train.set_epoch(0)
-    train_one_epoch(train_model, data.train, opt, state, cfg, budget=Budget(warm, batch), device=device)
+    train_one_epoch(step, data.train, state, cfg, budget=Budget(warm, batch))
     data.train.set_epoch(0, state.epoch_samples)
     t0 = time.perf_counter()
-    train_one_epoch(
-        train_model, data.train, opt, state, cfg, budget=Budget(warm + iters, batch), device=device
-    )
+    train_one_epoch(step, data.train, state, cfg, budget=Budget(warm + iters, batch))
     return iters * cfg.data.batch_size / (time.perf_counter() - t0)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from reslab.config import load_config
 from reslab.engine import fit
-from reslab.transfer import finetune_config
+from reslab.transfer import FinetunePolicy, finetune_config
 
 SOURCE_CLASSES = ["airplane", "automobile", "bird", "deer", "frog", "horse", "ship", "truck"]
 TARGET_CLASSES = ["cat", "dog"]
@@ -105,14 +105,18 @@ def main() -> None:
 
         def finetune(o: str, unfreeze: int = 0, c: dict = common, t: str = target):
             """The pretrained base with a new head; the last ``unfreeze`` stages released a third in."""
-            later = {"finetune.unfreeze_at": [f"{args.epochs // 3}:{unfreeze}"]} if unfreeze else {}
-            return finetune_config(ckpt, t, overrides={**c, **later, "out": o})
+            later = {"unfreeze_at": [f"{args.epochs // 3}:{unfreeze}"]} if unfreeze else {}
+            cfg, ft = finetune_config(ckpt, t, overrides={**c, "out": o}, finetune=later)
+            return cfg, FinetunePolicy(ft)
+
+        def scratch(o: str, c: dict = common, t: str = target):
+            cfg = load_config(
+                "finetune", {**c, "model": "resnet20", "data.dir": t, "optim.lr": 0.05, "out": o}
+            )
+            return cfg, None
 
         methods = {
-            "a_scratch": lambda o, c=common, t=target: load_config(
-                "finetune",
-                {**c, "model": "resnet20", "data.dir": t, "optim.lr": 0.05, "finetune": None, "out": o},
-            ),
+            "a_scratch": scratch,
             "b_frozen_base_new_head": finetune,
             "c_head_then_last_two_stages": partial(finetune, unfreeze=2),
             "d_head_then_last_stage": partial(finetune, unfreeze=1),
@@ -120,7 +124,8 @@ def main() -> None:
         for name, make in methods.items():
             run_dir = draw / name
             if not (run_dir / "summary.json").exists():
-                fit(make(str(run_dir)))
+                cfg, policy = make(str(run_dir))
+                fit(cfg, policy=policy)
             s = json.loads((run_dir / "summary.json").read_text())
             r = results.setdefault(name, {"test_accuracy": [], "seconds": []})
             r["test_accuracy"].append(1 - s["eval_err"])

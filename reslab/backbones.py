@@ -2,7 +2,7 @@
 
 ``fpn_backbone`` returns what ``torchvision.models.detection.FasterRCNN``/``MaskRCNN`` expect: a
 module with ``out_channels`` whose forward returns an ordered dict of feature maps. BatchNorm is
-frozen by default (``FrozenBatchNorm2d``): detection batches are a few images per device, far
+frozen by default (:class:`FrozenBatchNorm`): detection batches are a few images per device, far
 too small for batch statistics.
 """
 
@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from reslab.errors import ReslabError
 from reslab.models import ResNet, create_model
+from reslab.models.layers import FrozenBatchNorm
 from reslab.weights import load_weights
 
 
@@ -25,8 +27,6 @@ class FPNBackbone(nn.Module):
     """A ``features_only`` reslab network followed by torchvision's feature pyramid network."""
 
     def __init__(self, body: ResNet, out_channels: int = 256, extra_blocks: nn.Module | None = None) -> None:
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-
         super().__init__()
         if not body.features_only:
             raise ReslabError("FPNBackbone needs a features_only model")
@@ -42,17 +42,6 @@ class FPNBackbone(nn.Module):
         return self.fpn(feats)
 
 
-def freeze_stages(model: ResNet, trainable_stages: int) -> None:
-    """Freeze the stem and all but the last ``trainable_stages`` stages (their BN stays in eval mode
-    too when it is FrozenBatchNorm2d)."""
-    n = len(model.stage_names)
-    if not 0 <= trainable_stages <= n:
-        raise ReslabError(f"trainable_stages={trainable_stages}: this model has {n} stages")
-    frozen = [getattr(model, s) for s in model.stem_names] + model.stages()[: n - trainable_stages]
-    for module in frozen:
-        module.requires_grad_(False)
-
-
 def fpn_backbone(
     name: str,
     *,
@@ -64,15 +53,17 @@ def fpn_backbone(
     **overrides: Any,
 ) -> FPNBackbone:
     """A torchvision-compatible FPN backbone from a registered 2D model (as torchvision's
-    ``resnet_fpn_backbone``: stages 1-4 into the pyramid, the last three trainable)."""
-    from torchvision.ops import FrozenBatchNorm2d
-
+    ``resnet_fpn_backbone``: stages 1-4 into the pyramid, the stem and all but the last
+    ``trainable_stages`` stages frozen)."""
     if frozen_bn:
-        overrides.setdefault("norm_layer", FrozenBatchNorm2d)
+        overrides.setdefault("norm_layer", FrozenBatchNorm)
     body = create_model(name, features_only=True, out_indices=returned_stages, **overrides)
     if body.spec.ndim != 2:
         raise ReslabError(f"{name} is a video model; FPN backbones are 2D")
+    n = len(body.stage_names)
+    if not 0 <= trainable_stages <= n:
+        raise ReslabError(f"trainable_stages={trainable_stages}: {name} has {n} stages")
     if weights is not None:
         load_weights(body, weights)
-    freeze_stages(body, trainable_stages)
+    body.set_trainable(1 + n - trainable_stages)
     return FPNBackbone(body, out_channels)

@@ -1,5 +1,11 @@
 """The ``reslab`` command: a thin layer that parses arguments and calls library functions.
 
+Each subcommand declares its arguments next to its handler. Flags that set a config key are
+declared with that key (:func:`config_flag`): their choices and checks come from the config's own
+annotations, so a flag and a ``key=value`` override are validated alike. Library modules are
+imported when a command runs, not when the parser is built: importing torch takes seconds, and
+``reslab --help`` should not.
+
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
 """
 
@@ -9,15 +15,27 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from reslab.errors import ReslabError
+from reslab.config import (
+    POSITIVE,
+    FinetuneConfig,
+    TrainConfig,
+    arg_type,
+    base_type,
+    choices,
+    key_type,
+    parse_value,
+)
+from reslab.errors import ReslabError, TrainingInterrupted
 
 Handler = Callable[[argparse.Namespace], int | None]
 Configure = Callable[[argparse.ArgumentParser], Handler]
 _COMMANDS: list[tuple[str, str, Configure]] = []
+PIPE_CLOSED = 141  # 128 + SIGPIPE: what Unix tools exit with when a reader such as `head` stops
 
 
 def command(name: str, help: str) -> Callable[[Configure], Configure]:
@@ -30,6 +48,81 @@ def command(name: str, help: str) -> Callable[[Configure], Configure]:
     return wrap
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other reslab failure."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"reslab: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# --- flags bound to config keys ---------------------------------------------------------------
+
+TRAIN, FINETUNE = "train", "finetune"
+_TARGETS = {TRAIN: TrainConfig, FINETUNE: FinetuneConfig}
+
+
+def config_flag(
+    p: argparse.ArgumentParser,
+    flag: str,
+    key: str,
+    help: str | None = None,
+    *,
+    target: str = TRAIN,
+    **kwargs: Any,
+) -> None:
+    """A flag that sets config ``key``: choices from the key's ``Literal``, booleans as switches;
+    the value is checked when the config is built, like a ``key=value`` override."""
+    tp = base_type(key_type(key, _TARGETS[target]))
+    dest = f"{target}:{key}"
+    if tp is bool:
+        p.add_argument(flag, dest=dest, action="store_true", default=None, help=help)
+    elif kwargs.get("nargs"):
+        p.add_argument(flag, dest=dest, metavar=key.rsplit(".", 1)[-1].upper(), help=help, **kwargs)
+    else:
+        meta = None if choices(tp) else key.rsplit(".", 1)[-1].upper()
+        p.add_argument(flag, dest=dest, choices=choices(tp) or None, metavar=meta, help=help, **kwargs)
+
+
+def flag_values(args: argparse.Namespace, target: str = TRAIN) -> dict[str, Any]:
+    """The config keys the command line set for ``target``, as values (YAML-read unless the key is
+    a string), ready for validation."""
+    out = {}
+    for dest, raw in vars(args).items():
+        prefix, _, key = dest.partition(":")
+        if prefix != target or raw is None:
+            continue
+        tp = base_type(key_type(key, _TARGETS[target]))
+        out[key] = raw if tp is str or choices(tp) or not isinstance(raw, str) else parse_value(raw)
+    return out
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    config_flag(p, "--data", "data.name", "default: folder when --data-dir is given, else the recipe's")
+    config_flag(
+        p, "--data-dir", "data.dir", "a dataset folder (implies --data folder unless --data says otherwise)"
+    )
+
+
+def overrides_from(args: argparse.Namespace, target: str = TRAIN) -> dict[str, Any]:
+    """Flags and ``key=value`` pairs as dotted config overrides (flags win). A data folder without
+    ``--data`` means ``folder``; one budget (epochs or iterations) replaces the recipe's other one."""
+    from reslab.config import parse_override
+
+    overrides = dict(parse_override(item) for item in getattr(args, "overrides", None) or [])
+    overrides.update(flag_values(args, target))
+    if "data.dir" in overrides and "data.name" not in overrides:
+        overrides["data.name"] = "folder"
+    if "epochs" in overrides or "iters" in overrides:
+        overrides.setdefault("iters" if "epochs" in overrides else "epochs", None)
+    return overrides
+
+
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="any config key, e.g. optim.nesterov=true"
+    )
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """Rows as an aligned text table; ``columns`` are (key, header) pairs."""
     cells = [[h for _, h in columns]] + [[str(r[k]) for k, _ in columns] for r in rows]
@@ -40,6 +133,13 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+# --- commands -----------------------------------------------------------------------------------
 
 
 @command("models", "list the registered models with parameters and GFLOPs")
@@ -66,19 +166,8 @@ def _models(p: argparse.ArgumentParser) -> Handler:
             s["params_m"] = f"{s['params'] / 1e6:.2f}M"
             s["gflops_s"] = f"{s['gflops']:.2f}"
             s["input"] = "x".join(map(str, s["input_size"]))
-        print(
-            format_table(
-                stats,
-                [
-                    ("name", "model"),
-                    ("family", "family"),
-                    ("layers", "layers"),
-                    ("params_m", "params"),
-                    ("gflops_s", "GFLOPs"),
-                    ("input", "input"),
-                ],
-            )
-        )
+        columns = [("name", "model"), ("family", "family"), ("layers", "layers"), ("params_m", "params")]
+        print(format_table(stats, [*columns, ("gflops_s", "GFLOPs"), ("input", "input")]))
         print("\nGFLOPs: multiply-adds for one image at the input size, counted by running the model.")
         return 0
 
@@ -94,174 +183,134 @@ def _info(p: argparse.ArgumentParser) -> Handler:
         from reslab.models import get_model_entry
 
         entry = get_model_entry(args.model)
-        stats = model_stats(args.model)
+        stats = model_stats(entry.name)
         spec = entry.spec
         print(
-            f"{args.model}: {entry.family}, {stats['layers']} layers, {stats['params'] / 1e6:.2f}M params, "
+            f"{entry.name}: {entry.family}, {stats['layers']} layers, {stats['params'] / 1e6:.2f}M params, "
             f"{stats['gflops']:.2f} GFLOPs at {'x'.join(map(str, spec.input_size))}"
         )
         print(f"  {entry.paper}")
-        shortcut = {
-            "none": "none (plain network)",
-            "A": "A (zero-pad)",
-            "B": "B (project on shape change)",
-            "C": "C (project everywhere)",
-            "D": "D (avg-pool + project)",
-        }[spec.shortcut]
-        print(
-            f"  block {spec.block}, stem {spec.stem}, shortcut {shortcut}"
-            + (", pre-activation" if spec.preact else "")
-            + (f", groups {spec.groups}x{spec.base_width}d" if spec.groups > 1 else "")
-            + (f", attention {spec.attn}" if spec.attn else "")
-        )
-        rows = stage_table(args.model)
+        print(f"  {spec.describe()}")
+        rows = stage_table(entry.name)
         for r in rows:
             r["output"] = "x".join(map(str, r["output"]))
             r["params"] = f"{r['params'] / 1e6:.3f}M"
-        print(
-            format_table(
-                rows,
-                [
-                    ("stage", "stage"),
-                    ("blocks", "blocks"),
-                    ("widths", "branch widths"),
-                    ("stride", "stride"),
-                    ("output", "output CxHxW"),
-                    ("params", "params"),
-                ],
-            )
-        )
+        columns = [
+            ("stage", "stage"),
+            ("blocks", "blocks"),
+            ("widths", "branch widths"),
+            ("stride", "stride"),
+        ]
+        print(format_table(rows, [*columns, ("output", "output CxHxW"), ("params", "params")]))
         return 0
 
     return run
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="YAML", help="a recipe file or bundled recipe name (e.g. cifar10_paper)"
     )
-    p.add_argument("--model", help="a registered model name (reslab models)")
-    p.add_argument("--data", help="default | mnist | cifar10 | cifar100 | folder")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--download", action="store_true", default=None, help="download CIFAR/MNIST if missing")
-    p.add_argument(
-        "--val-split", type=float, metavar="F", help="hold out this fraction of train for validation"
-    )
+    config_flag(p, "--model", "model", "a registered model name (reslab models)")
+    add_data_flags(p)
+    config_flag(p, "--download", "data.download", "download CIFAR/MNIST if missing")
+    config_flag(p, "--val-split", "data.val_split", "hold out this fraction of train for validation")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=float)
-    budget.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int, help="per device")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<model>-<data>-<time>)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
-    p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="any config key, e.g. optim.nesterov=true"
-    )
+    config_flag(budget, "--epochs", "epochs")
+    config_flag(budget, "--iters", "iters")
+    config_flag(p, "--lr", "optim.lr")
+    config_flag(p, "--amp", "amp")
+    config_flag(p, "--channels-last", "channels_last")
+    config_flag(p, "--compile", "compile", "torch.compile the model")
+    config_flag(p, "--sync-bn", "sync_bn", "SyncBatchNorm across processes")
+    _run_flags(p)
 
 
-_FLAG_KEYS = {
-    "model": "model",
-    "data": "data.name",
-    "data_dir": "data.dir",
-    "download": "data.download",
-    "val_split": "data.val_split",
-    "epochs": "epochs",
-    "iters": "iters",
-    "batch_size": "data.batch_size",
-    "lr": "optim.lr",
-    "seed": "seed",
-    "out": "out",
-    "device": "device",
-    "amp": "amp",
-    "channels_last": "channels_last",
-    "compile": "compile",
-    "sync_bn": "sync_bn",
-    "progress": "progress",
-}
-
-
-def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Command-line flags and key=value pairs as dotted config overrides (flags win)."""
-    from reslab.config import parse_override
-
-    overrides = dict(parse_override(item) for item in args.overrides)
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[key] = value
-    if "epochs" in overrides or "iters" in overrides:  # one budget replaces the recipe's other one
-        overrides.setdefault("iters" if "epochs" in overrides else "epochs", None)
-    return overrides
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every training command has: batch, seed, run directory, device, progress, overrides."""
+    config_flag(p, "--batch-size", "data.batch_size", "per device")
+    config_flag(p, "--seed", "seed")
+    config_flag(p, "--out", "out", "run directory (default runs/<model>-<data>-<time>)")
+    config_flag(p, "--device", "device")
+    p.add_argument("--no-progress", dest=f"{TRAIN}:progress", action="store_false", default=None)
+    add_overrides(p)
 
 
 @command("train", "train a model (a recipe, flags and key=value overrides); --resume continues a run")
 def _train(p: argparse.ArgumentParser) -> Handler:
-    _train_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    _train_flags(p)
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its folder or its last.pt)")
 
     def run(args: argparse.Namespace) -> int:
         from reslab.config import load_config
 
-        overrides = train_overrides(args)
+        overrides = overrides_from(args)
         if args.resume:
             extra = set(overrides) - {"device", "progress"}
             if extra or args.config:
                 raise ReslabError(
                     f"--resume continues a run with its own config; drop {', '.join(sorted(extra)) or '--config'}"
                 )
-            cfg = load_config(overrides=overrides)
-        else:
-            cfg = load_config(args.config, overrides)
-        return _fit_and_report(cfg, args.resume)
+            return _fit_and_report(load_config(overrides=overrides), args.resume)
+        return _fit_and_report(load_config(args.config, overrides))
 
     return run
 
 
-def _fit_and_report(cfg, resume: str | None = None) -> int:
+def _fit_and_report(cfg: TrainConfig, resume: str | None = None, policy=None) -> int:
     """Train, then say where everything is; an interrupted run exits 130 after saving. Under torchrun
     every process trains and rank 0 alone reports."""
     from reslab.engine import fit
-    from reslab.engine.loop import TrainingInterrupted
+    from reslab.engine.checkpoint import resume_file
+    from reslab.engine.distributed import shutdown
+    from reslab.transfer import policy_for
+    from reslab.weights import read_file
 
+    if resume is not None and policy is None:
+        policy = policy_for(read_file(resume_file(resume)).get("policy"))
     report = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = fit(cfg, resume=resume)
+        result = fit(cfg, resume=resume, policy=policy)
     except TrainingInterrupted as e:
+        shutdown()  # under torchrun: leave the process group cleanly
         if report:
             print(f"reslab: {e}", file=sys.stderr)
         return 130
+    shutdown()
     if not report:
         return 0
     s = result.summary
+    top5 = f" (top-5 {_pct(s['eval_top5_err'])})" if s["eval_top5_err"] is not None else ""
     print(
-        f"\ndone: {result.eval_split} error {100 * s['eval_err']:.2f}% (top-5 {100 * s['eval_top5_err']:.2f}%) "
-        f"after {result.iterations} iterations, {s['train_seconds'] / 60:.1f} min of training"
+        f"\ndone: {result.eval_split} error {_pct(s['eval_err'])}{top5} after {result.iterations} iterations, "
+        f"{s['train_seconds'] / 60:.1f} min of training"
     )
-    print(f"  run directory  {result.run_dir}")
-    print(f"  checkpoints    {result.run_dir / 'last.pt'}, {result.run_dir / 'best.pt'}")
-    print(f"  plots          {result.run_dir / 'curves.png'}, {s['confusion_png']}")
-    print(
-        f"  metrics        {result.run_dir / 'metrics.csv'}, {result.run_dir / 'summary.json'}, tensorboard/"
-    )
+    d = result.run_dir
+    print(f"  run directory  {d}")
+    print(f"  checkpoints    {d / 'last.pt'}, {d / 'best.pt'}")
+    print(f"  plots          {d / 'curves.png'}, {s['confusion_png']}")
+    print(f"  metrics        {d / 'metrics.csv'}, {d / 'summary.json'}, tensorboard/")
     return 0
+
+
+def _checkpoints_arg(p: argparse.ArgumentParser, help: str = "one, or several to ensemble") -> None:
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT", help=help)
+    p.add_argument("--model", help="architecture of bare state dicts (reslab checkpoints name their own)")
 
 
 @command(
     "eval", "evaluate checkpoints (several: an ensemble): top-1/top-5 error, per-class accuracy, confusion"
 )
 def _eval(p: argparse.ArgumentParser) -> Handler:
+    _checkpoints_arg(p)
     p.add_argument(
-        "--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or several to ensemble"
+        "--data", choices=choices(key_type("data.name")), help="default: the data it was trained on"
     )
-    p.add_argument("--model", help="architecture of a bare state dict")
-    p.add_argument("--data", help="default: the data the checkpoint was trained on")
-    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="a dataset folder (implies --data folder unless --data says otherwise)",
+    )
     p.add_argument("--tta", choices=("flip", "10crop"), help="test-time augmentation")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png")
     p.add_argument("--device", default="auto")
@@ -271,10 +320,11 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
         from reslab.inference import evaluate_checkpoints
 
         first = Path(args.checkpoint[0])
+        ensemble = len(args.checkpoint) > 1
         out = (
             Path(args.out)
             if args.out
-            else first.parent / f"eval-{first.stem}{'-ensemble' if len(args.checkpoint) > 1 else ''}"
+            else first.parent / f"eval-{first.stem}{'-ensemble' if ensemble else ''}"
         )
         report = evaluate_checkpoints(
             args.checkpoint,
@@ -288,14 +338,15 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
         if args.json:
             print(json.dumps(report, indent=1))
             return 0
-        if len(report["members"]) > 1:
+        if ensemble:
             for m in report["members"]:
-                print(f"member {m['checkpoint']} ({m['arch']}): top-1 error {100 * m['err']:.2f}%")
-        label = "ensemble" if len(report["members"]) > 1 else report["arch"]
+                print(f"member {m['checkpoint']} ({m['arch']}): top-1 error {_pct(m['err'])}")
+        label = "ensemble" if ensemble else report["arch"]
+        top5 = f", top-5 error {_pct(report['top5_err'])}" if report["top5_err"] is not None else ""
         print(
             f"{label} on {report['data']} {report['split']} ({report['n']} images"
-            f"{', ' + args.tta + ' TTA' if args.tta else ''}): top-1 error {100 * report['top1_err']:.2f}%, "
-            f"top-5 error {100 * report['top5_err']:.2f}%, loss {report['loss']:.4f}"
+            f"{', ' + args.tta + ' TTA' if args.tta else ''}): top-1 error {_pct(report['top1_err'])}"
+            f"{top5}, loss {report['loss']:.4f}"
         )
         rows = [{"cls": c, "acc": f"{100 * a:.1f}%"} for c, a in report["per_class_acc"].items()]
         print(format_table(rows, [("cls", "class"), ("acc", "accuracy")]))
@@ -307,12 +358,9 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
 
 @command("predict", "classify images with a checkpoint (several: their ensemble)")
 def _predict(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument(
-        "--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or several to ensemble"
-    )
+    _checkpoints_arg(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", help="architecture of a bare state dict")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=arg_type(int, POSITIVE), default=5, help="classes to show (at most all)")
     p.add_argument("--tta", choices=("flip", "10crop"))
     p.add_argument(
         "--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping"
@@ -321,8 +369,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.engine.loop import resolve_device
-        from reslab.inference import list_images, load_members, predict
+        from reslab.data import list_images
+        from reslab.engine import resolve_device
+        from reslab.inference import load_members, predict
         from reslab.weights import is_checkpoint_path
 
         # `--checkpoint A.pt B.pt photo.jpg dir/`: the option takes the checkpoint files, the rest are inputs.
@@ -330,10 +379,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         inputs = [c for c in args.checkpoint if not is_checkpoint_path(c)] + args.inputs
         if not checkpoints or not inputs:
             raise ReslabError("usage: reslab predict --checkpoint CKPT [CKPT ...] IMAGE_OR_DIR [...]")
-        nets, metas, raw = load_members(checkpoints, args.model, resolve_device(args.device), args.tta)
-        results = predict(
-            nets, metas[0]["classes"], raw, list_images(inputs, args.strict), args.topk, strict=args.strict
-        )
+        nets, ckpts, raw = load_members(checkpoints, args.model, resolve_device(args.device), args.tta)
+        files = list_images(inputs, args.strict)
+        results = predict(nets, ckpts[0].classes, raw, files, args.topk, strict=args.strict)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
@@ -355,11 +403,8 @@ def _embed(p: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         from reslab.embed import build_index
-        from reslab.engine.loop import resolve_device
 
-        info = build_index(
-            args.checkpoint, args.inputs, args.out, model=args.model, device=resolve_device(args.device)
-        )
+        info = build_index(args.checkpoint, args.inputs, args.out, model=args.model, device=args.device)
         print(
             f"{info['count']} embeddings of dimension {info['dim']}: {info['embeddings']} (files: {info['files']})"
         )
@@ -372,15 +417,14 @@ def _embed(p: argparse.ArgumentParser) -> Handler:
 def _search(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--index", required=True, metavar="FILE.npy")
     p.add_argument("queries", nargs="+", metavar="IMAGE")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=arg_type(int, POSITIVE), default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         from reslab.embed import search
-        from reslab.engine.loop import resolve_device
 
-        results = search(args.index, args.queries, args.topk, resolve_device(args.device))
+        results = search(args.index, args.queries, args.topk, args.device)
         if args.json:
             print(json.dumps(results, indent=1))
             return 0
@@ -393,11 +437,17 @@ def _search(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+def _batch_arg(text: str) -> str | int:
+    return text if text == "dynamic" else arg_type(int, POSITIVE)(text)
+
+
 @command("export", "export a checkpoint to ONNX / TorchScript / torch.export and verify it on real images")
 def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"))
-    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument(
+        "--batch", type=_batch_arg, default="dynamic", help="dynamic (default) or a fixed batch size"
+    )
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions first")
     p.add_argument("--out", metavar="FILE")
     p.add_argument("--model", help="architecture of a bare state dict")
@@ -409,25 +459,23 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy import real_inputs
         from reslab.deploy.export import FORMATS, export_model
-        from reslab.inference import load_checkpoint
+        from reslab.engine import read_checkpoint
 
-        batch = args.batch if args.batch == "dynamic" else _positive_int(args.batch, "--batch")
-        net, meta = load_checkpoint(args.checkpoint, args.model)
+        ckpt = read_checkpoint(args.checkpoint, args.model)
         out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format]))
         report = export_model(
-            net,
-            meta,
+            ckpt,
             args.format,
             out,
-            batch=batch,
+            batch=args.batch,
             fold_bn=args.fold_bn,
-            verify_inputs=real_inputs(meta, args.images, 16),
+            verify_inputs=real_inputs(ckpt, args.images, 16),
         )
         if args.json:
             print(json.dumps(report, indent=1))
         else:
             print(
-                f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {batch}"
+                f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {args.batch}"
                 f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
             )
             print(
@@ -439,16 +487,6 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def _positive_int(text: str, flag: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ReslabError(f"{flag} {text!r}: expected a positive number")
-    return value
-
-
 @command(
     "quantize", "int8 post-training quantization (ONNX Runtime) with its accuracy and speed cost measured"
 )
@@ -457,15 +495,20 @@ def _quantize(p: argparse.ArgumentParser) -> Handler:
     p.add_argument(
         "--calib", metavar="DIR", help="calibration images (default: the checkpoint's training images)"
     )
-    p.add_argument("--calib-n", type=int, default=256, help="number of calibration images")
+    p.add_argument(
+        "--calib-n", type=arg_type(int, POSITIVE), default=256, help="number of calibration images"
+    )
     p.add_argument("--out", metavar="FILE.int8.onnx")
     p.add_argument("--model", help="architecture of a bare state dict")
+    p.add_argument(
+        "--min-time", type=arg_type(float, POSITIVE), default=1.5, help="seconds per speed measurement"
+    )
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy.quantize import quantize_report
 
-        r = quantize_report(args.checkpoint, args.out, args.calib, args.calib_n, args.model)
+        r = quantize_report(args.checkpoint, args.out, args.calib, args.calib_n, args.model, args.min_time)
         if args.json:
             print(json.dumps(r, indent=1))
             return 0
@@ -475,8 +518,8 @@ def _quantize(p: argparse.ArgumentParser) -> Handler:
         )
         if "int8_top1_err" in r:
             print(
-                f"accuracy on {r['test_images']} test images: fp32 top-1 error {100 * r['fp32_top1_err']:.2f}%, "
-                f"int8 {100 * r['int8_top1_err']:.2f}% ({100 * (r['int8_top1_err'] - r['fp32_top1_err']):+.2f} points), "
+                f"accuracy on {r['test_images']} test images: fp32 top-1 error {_pct(r['fp32_top1_err'])}, "
+                f"int8 {_pct(r['int8_top1_err'])} ({100 * (r['int8_top1_err'] - r['fp32_top1_err']):+.2f} points), "
                 f"top-1 agreement {100 * r['top1_agreement']:.1f}%"
             )
         for bs in (1, 8):
@@ -498,24 +541,27 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
     from reslab.deploy.bench import BACKENDS
 
     p.add_argument("target", metavar="MODEL_OR_CKPT")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--input-size", type=int)
+    p.add_argument("--batch", type=_positive_ints, default=[1, 8], help="comma-separated batch sizes")
+    p.add_argument(
+        "--input-size", type=arg_type(int, POSITIVE), help="square input side (default: the model's)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated: {', '.join(BACKENDS)}")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per cell")
+    p.add_argument(
+        "--min-time", type=arg_type(float, POSITIVE), default=2.0, help="seconds of timed runs per cell"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
 
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy.bench import bench
 
-        batches = tuple(_positive_int(b, "--batch") for b in args.batch.split(","))
         say = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
         result = bench(
             args.target,
-            batches=batches,
+            batches=tuple(args.batch),
             input_size=args.input_size,
             device=args.device,
-            backends=tuple(args.backends.split(",")),
+            backends=tuple(b for b in args.backends.split(",") if b),
             min_time=args.min_time,
             progress=say,
         )
@@ -540,25 +586,29 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
             }
             for r in result["rows"]
         ]
-        print(
-            format_table(
-                rows,
-                [
-                    ("backend", "backend"),
-                    ("batch", "batch"),
-                    ("ips", "img/s"),
-                    ("p50", "p50 ms"),
-                    ("p90", "p90 ms"),
-                    ("spread", "p90/p50"),
-                    ("gf", "GFLOP/s"),
-                    ("peak", "of peak"),
-                    ("ratio", "vs torchvision"),
-                ],
-            )
-        )
+        columns = [
+            ("backend", "backend"),
+            ("batch", "batch"),
+            ("ips", "img/s"),
+            ("p50", "p50 ms"),
+            ("p90", "p90 ms"),
+        ]
+        columns += [
+            ("spread", "p90/p50"),
+            ("gf", "GFLOP/s"),
+            ("peak", "of peak"),
+            ("ratio", "vs torchvision"),
+        ]
+        print(format_table(rows, columns))
         return 0
 
     return run
+
+
+def _positive_ints(text: str) -> list[int]:
+    from reslab.config import int_list
+
+    return int_list(POSITIVE)(text)
 
 
 @command(
@@ -572,187 +622,63 @@ def _finetune(p: argparse.ArgumentParser) -> Handler:
         metavar="SOURCE",
         help="a reslab checkpoint, a weights file (with --model), or torchvision:resnet50.IMAGENET1K_V2",
     )
-    p.add_argument(
-        "--data-dir",
-        required=True,
-        metavar="FOLDER",
-        help="ImageFolder layout (train/ + val/, or one folder)",
+    config_flag(
+        p, "--data-dir", "data.dir", "ImageFolder layout (train/ + val/, or one folder)", required=True
     )
     p.add_argument("--model", help="architecture (default: the source's)")
-    p.add_argument("--freeze", default=None, help="base (default) | stages:N | none")
-    p.add_argument(
+    config_flag(p, "--freeze", "freeze", "base (default) | stages:N | none", target=FINETUNE)
+    config_flag(
+        p,
         "--unfreeze-at",
+        "unfreeze_at",
+        "EPOCH:N: unfreeze the last N stages at EPOCH",
+        target=FINETUNE,
         nargs="*",
-        default=None,
-        metavar="EPOCH:N",
-        help="unfreeze the last N stages at EPOCH",
     )
-    p.add_argument("--head-lr", type=float)
-    p.add_argument("--base-lr", type=float, help="default: head-lr / 10")
-    p.add_argument("--frozen-bn", action="store_true", help="FrozenBatchNorm2d in parts that stay frozen")
-    p.add_argument("--in-chans-mode", choices=("auto", "sum", "repeat"))
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--val-split", type=float, help="default 0.2 when the folder has no val/ or test/")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", metavar="DIR")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    config_flag(p, "--head-lr", "head_lr", target=FINETUNE)
+    config_flag(p, "--base-lr", "base_lr", "default: head-lr / 10", target=FINETUNE)
+    p.add_argument(
+        "--frozen-bn",
+        dest=f"{FINETUNE}:frozen_bn",
+        action="store_const",
+        const="frozen",
+        help="FrozenBatchNorm in parts that stay frozen",
+    )
+    config_flag(p, "--in-chans-mode", "in_chans_mode", target=FINETUNE)
+    config_flag(p, "--epochs", "epochs")
+    config_flag(p, "--val-split", "data.val_split", "default 0.2 when the folder has no val/ or test/")
+    _run_flags(p)
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.config import parse_override
-        from reslab.transfer import finetune_config
+        from reslab.transfer import FinetunePolicy, finetune_config
 
-        overrides = dict(parse_override(item) for item in args.overrides)
-        flags = {
-            "finetune.freeze": args.freeze,
-            "finetune.unfreeze_at": args.unfreeze_at,
-            "finetune.head_lr": args.head_lr,
-            "finetune.base_lr": args.base_lr,
-            "finetune.frozen_bn": "frozen" if args.frozen_bn else None,
-            "finetune.in_chans_mode": args.in_chans_mode,
-            "epochs": args.epochs,
-            "data.batch_size": args.batch_size,
-            "data.val_split": args.val_split,
-            "seed": args.seed,
-            "out": args.out,
-            "device": args.device,
-            "progress": args.progress,
-        }
-        overrides.update({k: v for k, v in flags.items() if v is not None})
-        cfg = finetune_config(args.source, args.data_dir, model=args.model, overrides=overrides)
-        print(f"reslab: fine-tuning {cfg.model} from {cfg.finetune.source} on {args.data_dir}")
-        return _fit_and_report(cfg)
+        overrides = overrides_from(args)
+        data_dir = overrides.pop("data.dir")
+        overrides.pop("data.name", None)  # fine-tuning reads a folder
+        cfg, ft = finetune_config(
+            args.source, data_dir, model=args.model, overrides=overrides, finetune=flag_values(args, FINETUNE)
+        )
+        print(f"reslab: fine-tuning {cfg.model} from {ft.source} on {data_dir}")
+        return _fit_and_report(cfg, policy=FinetunePolicy(ft))
 
     return run
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t]
-    except ValueError:
-        raise ReslabError(f"{text!r}: expected comma-separated numbers, e.g. 20,32,56") from None
-
-
 @command("analyze", "the residual-learning lab: degradation, gradients, responses, landscape, lesion, report")
 def _analyze(p: argparse.ArgumentParser) -> Handler:
-    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+    from reslab.analysis import STUDIES
 
-    def study(name: str, help: str) -> argparse.ArgumentParser:
-        sp = studies.add_parser(name, help=help, description=help)
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True, parser_class=Parser)
+    for name, module in STUDIES.items():
+        sp = studies.add_parser(name, help=module.HELP, description=module.HELP)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        if name != "report":
-            sp.add_argument("--out", metavar="DIR", help=f"study folder (default runs/analyze-{name})")
-            sp.add_argument("--no-progress", dest="progress", action="store_false")
-        return sp
-
-    sp = study("degradation", "train plain and residual twins at several depths (the paper's Figs. 1 and 6)")
-    sp.add_argument("--depths", default="20,56", help="comma-separated depths (default 20,56)")
-    sp.add_argument("--quick", action="store_true", help="a few hundred iterations: minutes on a CPU")
-    sp.add_argument("--config", default="cifar10_paper", help="recipe for full runs (default cifar10_paper)")
-    sp.add_argument("--data", help="default: folder when --data-dir is given, else the embedded default")
-    sp.add_argument("--data-dir", metavar="DIR")
-    sp.add_argument("--iters", type=int, help="override the budget")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="auto")
-    sp = study("gradients", "per-layer gradient norms of plain vs residual nets, at init and after training")
-    sp.add_argument("--depths", default="20,56,110")
-    sp.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
-    sp.add_argument("--batch", type=int, default=128)
-    sp.add_argument(
-        "--correlation", action="store_true", help="also the shattered-gradients correlation curve"
-    )
-    sp.add_argument("--data")
-    sp.add_argument("--data-dir", metavar="DIR")
-    sp.add_argument("--seed", type=int, default=0)
-    sp = study("responses", "std of each 3x3 layer's response on the test set (the paper's Fig. 7)")
-    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT")
-    sp.add_argument("--limit", type=int, default=1000, help="test images to use")
-    sp.add_argument("--data")
-    sp.add_argument("--data-dir", metavar="DIR")
-    sp = study("landscape", "loss landscape along filter-normalised directions (Li et al. 2018)")
-    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT", help="one, or two side by side")
-    sp.add_argument("--grid", type=int, default=21, help="points per axis (default 21; the paper used 51)")
-    sp.add_argument("--span", type=float, default=1.0, help="coordinates run over [-span, span]")
-    sp.add_argument("--samples", type=int, default=1000, help="training images (no augmentation)")
-    sp.add_argument("--mode", choices=("1d", "2d", "both"), default="both")
-    sp.add_argument("--interpolate", action="store_true", help="also the 1D path between two checkpoints")
-    sp.add_argument("--replot", action="store_true", help="redraw from the saved NPZ files")
-    sp.add_argument("--seed", type=int, default=0)
-    sp = study("lesion", "remove residual blocks at test time (Veit et al. 2016)")
-    sp.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT")
-    sp.add_argument("--limit", type=int, default=2000, help="test images to use")
-    sp.add_argument("--draws", type=int, default=5, help="random draws per number of removed blocks")
-    sp.add_argument("--max-k", type=int, default=10, help="remove up to this many blocks at random")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--data")
-    sp.add_argument("--data-dir", metavar="DIR")
-    sp = study("report", "gather study and run folders into one self-contained HTML page")
-    sp.add_argument("folders", nargs="+", metavar="RUN_OR_STUDY_DIR")
-    sp.add_argument("--out", metavar="FILE.html")
+        module.add_arguments(sp)
 
     def run(args: argparse.Namespace) -> int:
-        from reslab import analysis
-
-        if args.study == "report":
-            print(f"report: {analysis.report.build_report(args.folders, args.out)}")
+        result = STUDIES[args.study].main(args)
+        if "report" in result:
+            print(f"report: {result['report']}")
             return 0
-        common = {"out": args.out}
-        if args.study == "degradation":
-            result = analysis.degradation.run(
-                _int_list(args.depths),
-                quick=args.quick,
-                recipe=args.config,
-                data=args.data,
-                data_dir=args.data_dir,
-                iters=args.iters,
-                seed=args.seed,
-                progress=args.progress,
-                device=args.device,
-                **common,
-            )
-        elif args.study == "gradients":
-            result = analysis.gradients.run(
-                _int_list(args.depths),
-                steps=args.steps,
-                batch=args.batch,
-                data=args.data,
-                data_dir=args.data_dir,
-                correlation=args.correlation,
-                seed=args.seed,
-                progress=args.progress,
-                **common,
-            )
-        elif args.study == "responses":
-            result = analysis.responses.run(
-                args.checkpoint, limit=args.limit, data=args.data, data_dir=args.data_dir, **common
-            )
-        elif args.study == "landscape":
-            result = analysis.landscape.run(
-                args.checkpoint,
-                grid=args.grid,
-                span=args.span,
-                samples=args.samples,
-                mode=args.mode,
-                interpolate=args.interpolate,
-                replot=args.replot,
-                seed=args.seed,
-                progress=args.progress,
-                **common,
-            )
-        else:
-            result = analysis.lesion.run(
-                args.checkpoint,
-                limit=args.limit,
-                draws=args.draws,
-                max_k=args.max_k,
-                seed=args.seed,
-                data=args.data,
-                data_dir=args.data_dir,
-                progress=args.progress,
-                **common,
-            )
         print(Path(result["out"], "summary.md").read_text())
         print(f"study folder: {result['out']}")
         return 0
@@ -760,37 +686,51 @@ def _analyze(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+# --- the entry point ----------------------------------------------------------------------------
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed and only ``only`` configured (its arguments added)."""
+    common = Parser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="reslab",
         description="Deep residual networks: models, training, analysis, deployment.",
         parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, help, configure in _COMMANDS:
         p = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.set_defaults(func=configure(p))
+        if only == name:
+            p.set_defaults(func=configure(p))
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """reslab's own warnings as one ``reslab: warning:`` line; others as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"reslab: warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False)
+    warnings.showwarning = _show_warning
     try:
-        code = args.func(args) or 0
-        if args.command in ("train", "finetune"):  # under torchrun: leave the process group cleanly
-            from reslab.engine.distributed import shutdown
-
-            shutdown()
-        return code
+        return args.func(args) or 0
     except ReslabError as e:
         if debug:
             raise
@@ -799,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `reslab models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
     except Exception as e:  # a bug or an environment problem: still one line unless --debug
         if debug:
             raise
@@ -808,3 +751,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        warnings.showwarning = _default_showwarning

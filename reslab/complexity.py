@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from reslab.config import cache_dir
 from reslab.models import create_model, get_model_entry
+from reslab.models.registry import families as registered_families
 from reslab.models.resnet import TRANSFORMS
 
 
@@ -71,9 +73,6 @@ def model_stats(name: str, *, cache: bool = True) -> dict[str, Any]:
 
 def models_markdown(stats: list[dict[str, Any]]) -> str:
     """The model zoo as a Markdown page, grouped by family (``reslab models --markdown``)."""
-    from reslab.models import get_model_entry
-    from reslab.models.registry import families as registered_families
-
     lines = [
         "# Models",
         "",
@@ -100,15 +99,6 @@ def models_markdown(stats: list[dict[str, Any]]) -> str:
         ]
         lines.append("")
     return "\n".join(lines)
-
-
-def cache_dir() -> Path:
-    """Where reslab caches derived data: ``$RESLAB_CACHE``, else ``~/.cache/reslab``."""
-    root = (
-        os.environ.get("RESLAB_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reslab"
-    )
-    return Path(root)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -13,22 +13,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from reslab.data import Preprocess, image_loader, list_images
+from reslab.engine import read_checkpoint
 from reslab.errors import ReslabError
-from reslab.inference import image_loader, list_images, load_checkpoint
 
 
 @torch.no_grad()
 def embed_files(
     net: torch.nn.Module,
-    preprocess: dict[str, Any],
+    preprocess: Preprocess,
     files: list[Path],
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[np.ndarray, list[str]]:
     """Unit-length pre-logits features of each readable image, and the files they belong to."""
-    from tqdm import tqdm
-
     device = next(net.parameters()).device
     chunks, kept = [], []
     loader = image_loader(files, preprocess, batch_size, device=device)
@@ -56,18 +56,19 @@ def build_index(
     out: str | Path,
     *,
     model: str | None = None,
-    device="cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    net, meta = load_checkpoint(checkpoint, model, device)
-    emb, files = embed_files(net, meta["preprocess"], list_images(inputs), progress=progress)
+    """Embed every image of ``inputs`` with a checkpoint's network; write ``out`` (+ its JSON)."""
+    ckpt = read_checkpoint(checkpoint, model, device)
+    emb, files = embed_files(ckpt.model, ckpt.preprocess, list_images(inputs), progress=progress)
     npy, sidecar = _index_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, emb)
     info = {
         "files": files,
         "checkpoint": str(Path(checkpoint).resolve()),
-        "arch": meta["arch"],
+        "arch": ckpt.arch,
         "dim": emb.shape[1],
         "model": model,
     }
@@ -75,15 +76,17 @@ def build_index(
     return {"embeddings": str(npy), "files": str(sidecar), "count": len(files), "dim": emb.shape[1]}
 
 
-def search(index: str | Path, queries: list[str], topk: int = 5, device="cpu") -> list[dict[str, Any]]:
+def search(
+    index: str | Path, queries: list[str], topk: int = 5, device: str | torch.device = "auto"
+) -> list[dict[str, Any]]:
     """The ``topk`` most similar indexed images (cosine similarity) for each query image."""
     npy, sidecar = _index_paths(index)
     if not npy.exists() or not sidecar.exists():
         raise ReslabError(f"{npy}: no index here (build one with reslab embed --out {npy})")
     emb = torch.from_numpy(np.load(npy))
     info = json.loads(sidecar.read_text())
-    net, meta = load_checkpoint(info["checkpoint"], info.get("model"), device)
-    q, qfiles = embed_files(net, meta["preprocess"], list_images(queries), progress=False)
+    ckpt = read_checkpoint(info["checkpoint"], info.get("model"), device)
+    q, qfiles = embed_files(ckpt.model, ckpt.preprocess, list_images(queries), progress=False)
     sims = torch.from_numpy(q) @ emb.T
     k = min(topk, emb.shape[0])
     best = sims.topk(k, dim=1)

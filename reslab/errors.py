@@ -1,5 +1,13 @@
-"""The one exception type users see: its message is a complete sentence naming the problem and the fix."""
+"""The exception types users see: each message is a complete sentence naming the problem and the fix."""
 
 
 class ReslabError(Exception):
     """A user-facing error. The CLI prints its message on one line and exits non-zero."""
+
+
+class NonFiniteLoss(ReslabError):
+    """The loss or the weights became NaN or infinite; no checkpoint is written over a good one."""
+
+
+class TrainingInterrupted(ReslabError):
+    """Raised after an interrupted run has saved its checkpoint; the CLI exits with 130."""

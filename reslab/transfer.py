@@ -1,5 +1,10 @@
 """Transfer learning: pretrained weights in, a new head, frozen and unfrozen stages.
 
+Fine-tuning is a policy on top of training (:class:`FinetunePolicy`): it builds the pretrained
+model with a fresh head, gives the optimizer one parameter group per part, unfreezes parts at
+the epochs the schedule names, and keeps the BatchNorm statistics of frozen parts fixed. The
+engine trains whatever the policy hands it.
+
 Sources: reslab checkpoints, any file ``load_weights`` reads (with ``--model``), and torchvision's
 published weights by name (``torchvision:resnet50.IMAGENET1K_V2``), read from torchvision's cache
 (``$TORCH_HOME/hub/checkpoints``) and downloaded there when online. The preprocessing that belongs
@@ -14,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
-from reslab.config import FinetuneConfig, TrainConfig
+from reslab.config import FinetuneConfig, TrainConfig, build, load_config, to_dict
+from reslab.data import Data, Preprocess, find_splits
+from reslab.engine import TrainPolicy, read_checkpoint
 from reslab.errors import ReslabError
-from reslab.models import ResNet
+from reslab.models import ResNet, create_model
+from reslab.models.layers import NORM_TYPES, freeze_batchnorm
 from reslab.weights import extract_state_dict, load_weights, read_file
 
 
@@ -28,16 +37,13 @@ class Pretrained:
 
     arch: str
     state_dict: dict[str, torch.Tensor]
-    preprocess: dict[str, Any] | None  # None: let the target data decide (a bare weights file)
-    classes: list[str] | None
+    preprocess: Preprocess | None  # None: let the target data decide (a bare weights file)
     model_args: dict[str, Any]
     origin: str
 
 
 def torchvision_weights(spec: str) -> Pretrained:
     """``resnet50.IMAGENET1K_V2`` -> torchvision's weights, from its cache or downloaded into it."""
-    import torchvision
-
     arch, _, tag = spec.partition(".")
     try:
         enum = torchvision.models.get_model_weights(arch)
@@ -56,60 +62,62 @@ def torchvision_weights(spec: str) -> Pretrained:
                 f"download {weights.url} and place it at {cached}"
             ) from None
     t = weights.transforms()
-    preprocess = {
-        "kind": "imagenet",
-        "size": [t.crop_size[0]] * 2,
-        "resize": t.resize_size[0],
-        "mean": list(t.mean),
-        "std": list(t.std),
-        "channels": 3,
-    }
+    preprocess = Preprocess(
+        (t.crop_size[0],) * 2,
+        tuple(t.mean),
+        tuple(t.std),
+        3,
+        t.resize_size[0],
+        t.interpolation.value,
+        tuple(weights.meta.get("categories") or ()),
+    )
     return Pretrained(
         arch,
         extract_state_dict(read_file(cached), source=str(cached)),
         preprocess,
-        list(weights.meta.get("categories") or []),
         {},
         f"torchvision:{arch}.{weights.name}",
     )
 
 
 def load_source(source: str, model: str | None = None) -> Pretrained:
+    """Pretrained weights from a reslab checkpoint, a weights file (``model`` names its
+    architecture) or torchvision (``torchvision:NAME.WEIGHTS``)."""
     if source.startswith("torchvision:"):
         return torchvision_weights(source.split(":", 1)[1])
-    obj = read_file(source)
-    arch = obj.get("arch") or model
-    if arch is None:
-        raise ReslabError(f"{source}: a bare state dict does not say which model it is; pass --model NAME")
+    ckpt = read_checkpoint(source, model)
+    recorded = ckpt.config is not None  # a reslab checkpoint knows its preprocessing
     return Pretrained(
-        arch,
-        extract_state_dict(obj, source=source),
-        obj.get("preprocess"),
-        obj.get("classes"),
-        dict(obj.get("model_args") or {}),
+        ckpt.arch,
+        ckpt.model.state_dict(),
+        ckpt.preprocess if recorded else None,
+        ckpt.model_args,
         str(source),
     )
 
 
 def finetune_config(
-    source: str, data_dir: str, *, model: str | None = None, overrides: dict[str, Any] | None = None
-) -> TrainConfig:
-    """The training config of a fine-tuning run: the ``finetune`` recipe, the source's architecture
-    and preprocessing, a 20% validation split when the folder has none, then ``overrides``."""
-    from reslab.config import load_config
-    from reslab.data.sources import find_splits
-
+    source: str,
+    data_dir: str,
+    *,
+    model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    finetune: dict[str, Any] | None = None,
+) -> tuple[TrainConfig, FinetuneConfig]:
+    """The training config of a fine-tuning run (the ``finetune`` recipe, the source's architecture
+    and preprocessing, a 20% validation split when the folder has none, then ``overrides``) and
+    its fine-tuning settings."""
+    ft = build(FinetuneConfig, {**(finetune or {}), "source": source})
     pre = load_source(source, model)
-    tree = {"model": model or pre.arch, "data.dir": data_dir, "finetune.source": source, **(overrides or {})}
+    tree = {"model": model or pre.arch, "data.dir": data_dir, **(overrides or {})}
     if pre.preprocess:  # the weights' own preprocessing: nobody retypes ImageNet's mean/std
-        size = pre.preprocess["size"][-1]
-        tree.setdefault("data.image_size", size)
-        tree.setdefault("data.resize", pre.preprocess.get("resize", size))
-        tree.setdefault("data.mean", pre.preprocess["mean"])
-        tree.setdefault("data.std", pre.preprocess["std"])
+        tree.setdefault("data.image_size", pre.preprocess.crop)
+        tree.setdefault("data.resize", pre.preprocess.resize or pre.preprocess.crop)
+        tree.setdefault("data.mean", list(pre.preprocess.mean))
+        tree.setdefault("data.std", list(pre.preprocess.std))
     if "data.val_split" not in tree and find_splits(Path(data_dir))[1] is None:
         tree["data.val_split"] = 0.2
-    return load_config("finetune", tree)
+    return load_config("finetune", tree), ft
 
 
 def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "auto") -> torch.Tensor:
@@ -132,36 +140,18 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "auto") ->
     return weight.repeat(1, reps, *[1] * (weight.ndim - 2))[:, :in_chans] * (have / in_chans)
 
 
-def build_finetune_model(
-    pre: Pretrained,
-    num_classes: int,
-    in_chans: int,
-    ft: FinetuneConfig,
-    model: str | None,
-    model_args: dict[str, Any],
-) -> ResNet:
-    """The pretrained network with a fresh head for ``num_classes`` and its first conv adapted."""
-    from reslab.models import create_model
-
-    arch = model or pre.arch
-    net = create_model(arch, num_classes=num_classes, in_chans=in_chans, **{**pre.model_args, **model_args})
-    sd = dict(pre.state_dict)
-    first = next(k for k, v in sd.items() if v.ndim >= 4)  # the stem's first conv
-    sd[first] = adapt_first_conv(sd[first], in_chans, ft.in_chans_mode)
-    load_weights(net, sd, ignore_head=True)
-    return net
-
-
 def parse_freeze(spec: str, stages: int) -> int:
-    """How many stages (after the stem) a freeze spec freezes; ``base`` freezes them all."""
+    """How many stages (after the stem) a freeze spec freezes; ``base`` freezes them all, ``none`` -1."""
     if spec == "none":
         return -1
     if spec == "base":
         return stages
-    match = re.fullmatch(r"stages:(\d+)", spec)
-    if not match or int(match.group(1)) > stages:
-        raise ReslabError(f"--freeze {spec!r}: use base, none, or stages:N with N <= {stages}")
-    return int(match.group(1))
+    n = int(re.fullmatch(r"stages:(\d+)", spec).group(1))
+    if n > stages:
+        raise ReslabError(
+            f"--freeze {spec!r}: this model has {stages} stages; use stages:N with N <= {stages}"
+        )
+    return n
 
 
 def parse_unfreeze(items: list[str], stages: int) -> list[tuple[int, int]]:
@@ -176,31 +166,6 @@ def parse_unfreeze(items: list[str], stages: int) -> list[tuple[int, int]]:
     return sorted(events)
 
 
-class _EvalBN:
-    """Mixed into a BatchNorm's class while its part of the network is frozen: it stays in eval mode
-    (running statistics fixed) whatever ``model.train()`` says. State-dict keys do not change."""
-
-    def train(self, mode: bool = True):  # type: ignore[override]
-        return super().train(False)
-
-
-_EVAL_CLASSES: dict[type, type] = {}
-
-
-def _set_bn_frozen(module: nn.Module, frozen: bool) -> None:
-    for m in module.modules():
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-            continue
-        base = next((b for b in type(m).__mro__ if b in _EVAL_CLASSES.values()), None)
-        if frozen and base is None:
-            cls = type(m)
-            _EVAL_CLASSES.setdefault(cls, type(f"Eval{cls.__name__}", (_EvalBN, cls), {}))
-            m.__class__ = _EVAL_CLASSES[cls]
-            m.eval()
-        elif not frozen and base is not None:
-            m.__class__ = next(c for c, e in _EVAL_CLASSES.items() if e is type(m))
-
-
 class Freezer:
     """Which parts of a fine-tuned network train at each epoch: the head always; the stem and the
     first stages as ``freeze`` says until an ``unfreeze_at`` event releases the last N stages."""
@@ -210,19 +175,10 @@ class Freezer:
         self.n = len(model.stage_names)
         self.frozen_stages = parse_freeze(ft.freeze, self.n)
         self.events = parse_unfreeze(ft.unfreeze_at, self.n)
-
-    def parts(self) -> list[tuple[str, list[nn.Module]]]:
-        """(name, modules) from the input side: the stem, each stage, then the final norm and head."""
-        m = self.model
-        tail = [x for x in (m.norm, m.fc) if x is not None]
-        return (
-            [("stem", [getattr(m, s) for s in m.stem_names])]
-            + [(s, [getattr(m, s)]) for s in m.stage_names]
-            + [("head", tail)]
-        )
+        self.first = len(model.parts())
 
     def trainable_from(self, epoch: int) -> int:
-        """Index into parts() of the first trainable part at ``epoch`` (0-based)."""
+        """Index into ``model.parts()`` of the first trainable part at ``epoch`` (0-based)."""
         if self.frozen_stages < 0:
             return 0
         first = self.frozen_stages + 1  # stem + frozen stages are parts 0..frozen_stages
@@ -232,24 +188,24 @@ class Freezer:
         return first
 
     def apply(self, epoch: int) -> list[str]:
-        """Set requires_grad and BN modes for ``epoch``; returns the names of the trainable parts."""
-        first = self.trainable_from(epoch)
-        trainable = []
-        for i, (name, modules) in enumerate(self.parts()):
-            train = i >= first
+        """Set requires_grad for ``epoch``; returns the names of the trainable parts."""
+        self.first = self.trainable_from(epoch)
+        return self.model.set_trainable(self.first)
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Training mode for the trained parts; frozen parts keep their BN statistics (eval mode)."""
+        model.train()
+        for _, modules in self.model.parts()[: self.first]:
             for module in modules:
-                module.requires_grad_(train)
-                if self.ft.frozen_bn == "eval":
-                    _set_bn_frozen(module, not train)
-            if train:
-                trainable.append(name)
-        return trainable
+                for m in module.modules():
+                    if isinstance(m, NORM_TYPES):
+                        m.eval()
 
     def param_groups(self, head_lr: float, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """One optimizer group per part (the head at ``head_lr``, the rest at ``base_lr``), all from the
         start: unfreezing flips requires_grad, so a resumed run's optimizer state always fits."""
         groups = []
-        for name, modules in self.parts():
+        for name, modules in self.model.parts():
             params = [p for module in modules for p in module.parameters()]
             if params:
                 groups.append(
@@ -263,18 +219,55 @@ class Freezer:
         return groups
 
 
-def to_frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace the BatchNorm2d layers of ``module`` by FrozenBatchNorm2d (fixed affine maps)."""
-    from torchvision.ops import FrozenBatchNorm2d
+class FinetunePolicy(TrainPolicy):
+    """Training from pretrained weights: a new head, frozen parts, an unfreezing schedule."""
 
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-        else:
-            to_frozen_batchnorm(child)
-    return module
+    def __init__(self, ft: FinetuneConfig) -> None:
+        if not ft.source:
+            raise ReslabError("fine-tuning needs a source: reslab finetune --from SOURCE")
+        self.ft = ft
+        self.freezer: Freezer | None = None
+        self.started = False
+
+    def build_model(self, cfg: TrainConfig, data: Data, model_args: dict[str, Any], fresh: bool) -> nn.Module:
+        ft = self.ft
+        if fresh:
+            pre = load_source(ft.source, cfg.model)
+            net = create_model(cfg.model, in_chans=data.in_chans, **{**pre.model_args, **model_args})
+            sd = dict(pre.state_dict)
+            first = next(k for k, v in sd.items() if v.ndim >= 4)  # the stem's first conv
+            sd[first] = adapt_first_conv(sd[first], data.in_chans, ft.in_chans_mode)
+            load_weights(net, sd, ignore_head=True)
+        else:  # resumed: the checkpoint's weights are loaded next
+            net = create_model(cfg.model, in_chans=data.in_chans, **model_args)
+        self.freezer = Freezer(net, ft)
+        if ft.frozen_bn == "frozen":  # parts that stay frozen for the whole run
+            for _, modules in net.parts()[: self.freezer.trainable_from(10**9)]:
+                for module in modules:
+                    freeze_batchnorm(module)
+        return net
+
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+        head_lr = self.ft.head_lr or cfg.optim.lr
+        return self.freezer.param_groups(head_lr, self.ft.base_lr or head_lr / 10, cfg.optim.weight_decay)
+
+    def start_epoch(self, epoch: int, model: nn.Module) -> str | None:
+        before = self.freezer.first if self.started else None
+        trainable = self.freezer.apply(epoch)
+        self.started = True
+        return f"training {', '.join(trainable)}" if self.freezer.first != before else None
+
+    def train_mode(self, model: nn.Module) -> None:
+        self.freezer.train_mode(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"finetune": to_dict(self.ft)}
+
+
+def policy_for(saved: dict[str, Any] | None) -> TrainPolicy | None:
+    """The policy a checkpoint was trained with (see :meth:`TrainPolicy.to_dict`), to resume it."""
+    if not saved:
+        return None
+    if "finetune" in saved:
+        return FinetunePolicy(build(FinetuneConfig, saved["finetune"]))
+    raise ReslabError(f"unknown training policy {sorted(saved)} in the checkpoint")

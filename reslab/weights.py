@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reslab.errors import ReslabError
@@ -66,9 +68,6 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ReslabError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -198,8 +197,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             tensors = {k: v.detach().contiguous() for k, v in obj.items()}
             save_file(tensors, str(tmp))
         else:

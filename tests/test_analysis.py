@@ -49,8 +49,8 @@ def test_landscape_resumes_where_it_stopped(tmp_path, monkeypatch) -> None:
     saved["loss"][2:] = np.nan  # as if interrupted after two points
     np.savez(tmp_path / "a.npz", **saved)
     calls = []
-    original = landscape.error_and_loss
-    monkeypatch.setattr(landscape, "error_and_loss", lambda m, b: calls.append(1) or original(m, b))
+    original = landscape.evaluate
+    monkeypatch.setattr(landscape, "evaluate", lambda m, b: calls.append(1) or original(m, b))
     again = surface(model, batches, [d], [coords], tmp_path / "a.npz", progress=False)
     assert len(calls) == 2
     np.testing.assert_allclose(again["loss"], full["loss"], rtol=1e-5)
@@ -147,8 +147,14 @@ def test_degradation_study_end_to_end(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {m["name"] for m in summary["models"]} == {"plain20", "resnet20"}
     for m in summary["models"]:
-        assert {"name", "depth", "residual", "train_error", "test_error"} <= set(m)
-        assert 0 <= m["train_error"] <= 1 and 0 <= m["test_error"] <= 1
+        # the study's numbers are its runs' numbers: the last evaluation and the logged training error
+        run = json.loads((tmp_path / "runs" / m["name"] / "summary.json").read_text())
+        rows = [
+            json.loads(x) for x in (tmp_path / "runs" / m["name"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        iters = [r for r in rows if r["kind"] == "iter"]
+        assert m["iterations"] == run["iterations"] == 4 and m["test_error"] == run["eval_err"]
+        assert m["train_error"] == pytest.approx(sum(r["train_err"] for r in iters) / len(iters))
     assert (tmp_path / "degradation.png").exists() and (tmp_path / "summary.md").exists()
     assert "plain" in capsys.readouterr().out
 
@@ -174,9 +180,16 @@ def test_gradients_study_end_to_end(tmp_path) -> None:
         == 0
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert all(
-        m["init_first_last_ratio"] > 0 and m["trained_first_last_ratio"] > 0 for m in summary["models"]
-    )
+    norms = {m["name"]: m for m in json.loads((tmp_path / "gradient_norms.json").read_text())}
+    for m in summary["models"]:
+        init, trained = (norms[m["name"]][k] for k in ("init", "trained"))
+        assert len(init) == 19  # the 19 convs of a 20-layer net (shortcut projections excluded)
+        assert m["init_first_last_ratio"] == pytest.approx(init[0][1] / init[-1][1])
+        assert m["trained_first_last_ratio"] == pytest.approx(trained[0][1] / trained[-1][1])
+        assert init != trained  # two training steps moved the weights
+        assert len(norms[m["name"]]["correlation"]) == 64 and norms[m["name"]]["correlation"][
+            0
+        ] == pytest.approx(1)
     assert (tmp_path / "gradient_norms.png").exists() and (tmp_path / "gradient_correlation.png").exists()
 
 

@@ -10,8 +10,7 @@ import torch
 
 from reslab import ReslabError
 from reslab.config import DataConfig
-from reslab.data import build_data
-from reslab.data.memory import TensorLoader, random_crop_flip
+from reslab.data import Placement, TensorLoader, build_data, random_crop_flip
 from reslab.data.sources import CIFAR10_CLASSES, load_cifar, load_embedded, load_mnist
 from tests.conftest import shared_data
 from tests.fakedata import write_cifar, write_folder, write_mnist
@@ -93,7 +92,7 @@ def test_large_image_folder_streams_with_skips(tmp_path) -> None:
     )
     cfg = DataConfig(name="folder", dir=str(root), batch_size=4, eval_batch_size=5, image_size=48, workers=0)
     data = build_data(cfg, progress=False)
-    assert data.preprocess["kind"] == "imagenet" and data.in_chans == 3
+    assert data.preprocess.resize == 55 and data.preprocess.size == (48, 48) and data.in_chans == 3
     batches = list(data.train)
     assert all(x.shape[1:] == (3, 48, 48) for x, _ in batches)
     seen = sum(len(y) for x, y in data.eval)
@@ -106,7 +105,7 @@ def test_streaming_order_is_independent_of_workers_and_resumable(tmp_path) -> No
     batches = {}
     for workers in (0, 2):
         cfg = DataConfig(name="folder", dir=str(root), batch_size=3, image_size=32, workers=workers)
-        loader = build_data(cfg, seed=5, progress=False).train
+        loader = build_data(cfg, place=Placement(seed=5), progress=False).train
         loader.set_epoch(2)
         batches[workers] = [x for x, _ in loader]
         loader.set_epoch(2, start_sample=6)
@@ -162,7 +161,14 @@ def test_tensor_loader_is_deterministic_and_resumable() -> None:
     imgs = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(100)
     loader = TensorLoader(
-        imgs, labels, batch_size=16, train=True, mean=(0.5,), std=(0.25,), augment="crop_flip", seed=3
+        imgs,
+        labels,
+        batch_size=16,
+        train=True,
+        mean=(0.5,),
+        std=(0.25,),
+        augment="crop_flip",
+        place=Placement(seed=3),
     )
     loader.set_epoch(4)
     full = list(loader)
@@ -175,7 +181,15 @@ def test_tensor_loader_is_deterministic_and_resumable() -> None:
     loader.set_epoch(5)
     assert not torch.equal(next(iter(loader))[1], full[0][1])  # a new epoch, a new order
     shards = [
-        TensorLoader(imgs, labels, batch_size=7, train=False, mean=(0.5,), std=(0.25,), rank=r, world=3)
+        TensorLoader(
+            imgs,
+            labels,
+            batch_size=7,
+            train=False,
+            mean=(0.5,),
+            std=(0.25,),
+            place=Placement(rank=r, world=3),
+        )
         for r in range(3)
     ]
     seen = torch.cat([y for s in shards for _, y in s])

@@ -119,11 +119,14 @@ def test_video_training_on_synthetic_clips(tmp_path) -> None:
     from reslab.engine import fit
 
     result = fit(cfg)
-    assert result.iterations == 3 and 0 <= result.eval_err <= 1
+    assert result.iterations == 3
     from reslab.inference import evaluate_checkpoints
 
     report = evaluate_checkpoints([str(tmp_path / "v" / "last.pt")], device="cpu")
     assert report["n"] == 256 and report["data"] == "synthetic_clips"  # the whole test split
+    # the run's own evaluation used 64 clips; the checkpoint's model on those gives the run's number
+    assert report["per_class_acc"].keys() == {"right", "left", "down", "up"}
+    assert result.eval_err == pytest.approx(result.summary["eval_err"])
 
 
 def test_clip_folders_of_frames_and_video_files(tmp_path) -> None:
@@ -168,9 +171,9 @@ def _image(path) -> torch.Tensor:
 
 def test_detection_backbones(tmp_path) -> None:
     from torchvision.models.detection import FasterRCNN, MaskRCNN
-    from torchvision.ops import FrozenBatchNorm2d
 
     from reslab.backbones import fpn_backbone
+    from reslab.models.layers import FrozenBatchNorm
 
     try:
         img = _image(sorted(shared_data("imagenet-samples").glob("*.JPEG"))[0])
@@ -179,7 +182,7 @@ def test_detection_backbones(tmp_path) -> None:
     src = create_model("resnet18")
     torch.save(src.state_dict(), tmp_path / "r18.pth")
     backbone = fpn_backbone("resnet18", weights=tmp_path / "r18.pth", trainable_stages=2)
-    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm) for m in backbone.modules())
     assert torch.equal(backbone.body.conv1.weight, src.conv1.weight)
     detector = FasterRCNN(backbone, num_classes=3, min_size=160, max_size=200).eval()
     with torch.no_grad():

@@ -5,20 +5,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-import reslab.engine.loop as loop
+import reslab.engine.train as train
 from reslab import ReslabError
 from reslab.cli import main
 from reslab.config import ScheduleConfig, load_config
 from reslab.engine import fit
 from reslab.engine.schedule import lr_factor
+from reslab.errors import NonFiniteLoss, TrainingInterrupted
 from reslab.weights import read_file
 
 # A small, fast configuration on the embedded MNIST sample.
@@ -67,24 +66,12 @@ def test_short_run_learns_and_writes_its_run_directory(tmp_path) -> None:
     )
 
 
-def _interrupt_at(monkeypatch, iteration: int) -> None:
-    """Deliver a real SIGINT to this process when training reaches ``iteration``."""
-    original = loop.lr_factor
-
-    def factor(it, total, cfg):
-        if it == iteration:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(it, total, cfg)
-
-    monkeypatch.setattr(loop, "lr_factor", factor)
-
-
 def test_exact_resume_after_interrupt_mid_epoch(tmp_path, monkeypatch) -> None:
     # Drop-path and EMA make the model's own randomness and extra state part of the test.
     extra = {"epochs": 3, "model_args": {"drop_path_rate": 0.1}, "ema_decay": 0.9}
     reference = fit(_cfg(tmp_path, "straight", **extra))
-    _interrupt_at(monkeypatch, 14)  # epoch 2 of 3 (10 steps per epoch), mid-epoch
-    with pytest.raises(loop.TrainingInterrupted, match="resume with: reslab train --resume"):
+    monkeypatch.setenv(train.SIGINT_AT, "15")  # a real SIGINT at iteration 15: epoch 2 of 3, mid-epoch
+    with pytest.raises(TrainingInterrupted, match="resume with: reslab train --resume"):
         fit(_cfg(tmp_path, "cut", **extra))
     ckpt = read_file(tmp_path / "cut" / "last.pt")
     assert ckpt["state"]["iteration"] == 15 and ckpt["state"]["step"] == 5
@@ -105,26 +92,27 @@ def test_exact_resume_after_interrupt_mid_epoch(tmp_path, monkeypatch) -> None:
 
 
 def test_cli_sigint_then_resume(tmp_path) -> None:
-    """A real Ctrl-C to the `reslab train` process: checkpoint, exit 130, exact resume."""
+    """A real Ctrl-C to the `reslab train` process at a known step: checkpoint, exit 130, exact resume
+    (from the run's last.pt named directly)."""
     args = [sys.executable, "-m", "reslab", "train", "--no-progress", "--epochs", "2", "--out"]
     overrides = [f"{k}={v}" for k, v in TINY.items() if k != "progress"] + ["log_every=1"]
     ref = subprocess.run([*args, str(tmp_path / "ref"), *overrides], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen(
-        [*args, str(tmp_path / "cut"), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130, err
-    assert "resume with: reslab train --resume" in err and "Traceback" not in err
+    env = {**os.environ, train.SIGINT_AT: "7"}
+    cut = subprocess.run([*args, str(tmp_path / "cut"), *overrides], capture_output=True, text=True, env=env)
+    assert cut.returncode == 130, cut.stderr
+    assert "resume with: reslab train --resume" in cut.stderr and "Traceback" not in cut.stderr
+    assert read_file(tmp_path / "cut" / "last.pt")["state"]["iteration"] == 7
     done = subprocess.run(
-        [sys.executable, "-m", "reslab", "train", "--resume", str(tmp_path / "cut"), "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "reslab",
+            "train",
+            "--resume",
+            str(tmp_path / "cut" / "last.pt"),
+            "--no-progress",
+        ],
         capture_output=True,
         text=True,
     )
@@ -154,7 +142,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch) -> None:
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
     cfg = _cfg(tmp_path, epochs=3)
-    original = loop.F.cross_entropy
+    original = train.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, y, **kw):
@@ -162,8 +150,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
         loss = original(logits, y, **kw)
         return loss * float("nan") if calls["n"] > 15 and kw.get("reduction") != "sum" else loss
 
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
-    with pytest.raises(loop.NonFiniteLoss, match="last good checkpoint is kept"):
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint is kept"):
         fit(cfg)
     ckpt = read_file(tmp_path / "run" / "last.pt")
     assert ckpt["state"]["epoch"] == 1  # the end of epoch 1, before the loss went bad
@@ -255,7 +243,19 @@ def test_cli_train_eval_predict(tmp_path, capsys) -> None:
         == 0
     )
     pred = json.loads(capsys.readouterr().out)
-    assert len(pred) == 1 and len(pred[0]["top"]) == 3 and sum(t["prob"] for t in pred[0]["top"]) <= 1.0001
+    probs = [t["prob"] for t in pred[0]["top"]]
+    assert (
+        len(pred) == 1 and len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+    )
+    # the same model on the same image, by hand: the checkpoint's preprocessing and a softmax
+    from reslab.engine import read_checkpoint
+
+    ckpt = read_checkpoint(tmp_path / "r" / "best.pt")
+    x = (torch.from_numpy(img).float()[None, None] / 255 - ckpt.preprocess.mean[0]) / ckpt.preprocess.std[0]
+    with torch.no_grad():
+        expected = ckpt.model(x).softmax(1)[0]
+    assert probs[0] == pytest.approx(expected.max().item(), abs=1e-5)
+    assert pred[0]["top"][0]["index"] == expected.argmax().item()
 
 
 def test_cli_train_errors(tmp_path) -> None:

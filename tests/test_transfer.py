@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 
 from reslab import ReslabError, create_model
 from reslab.cli import main
-from reslab.config import FinetuneConfig
+from reslab.config import FinetuneConfig, build
 from reslab.transfer import Freezer, adapt_first_conv, load_source
 from reslab.weights import read_file
 from tests.fakedata import write_folder
@@ -58,8 +59,8 @@ def test_freezer_schedule_and_groups() -> None:
     assert Freezer(model, FinetuneConfig(freeze="stages:1")).apply(0) == ["layer2", "layer3", "head"]
     with pytest.raises(ReslabError, match="--freeze 'stages:9'"):
         Freezer(model, FinetuneConfig(freeze="stages:9"))
-    with pytest.raises(ReslabError, match="--unfreeze-at 'soon'"):
-        Freezer(model, FinetuneConfig(unfreeze_at=["soon"]))
+    with pytest.raises(ReslabError, match="unfreeze_at='soon': must be EPOCH:N"):
+        build(FinetuneConfig, {"unfreeze_at": ["soon"]})
 
 
 def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) -> None:
@@ -101,8 +102,9 @@ def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) ->
     ):
         assert same(key), key
     assert not same("layer3.2.conv2.weight") and not same("layer3.2.bn2.running_mean")  # unfrozen at epoch 2
-    config = __import__("yaml").safe_load((out / "config.yaml").read_text())
-    assert config["finetune"]["unfreeze_at"] == ["1:1"] and config["data"]["val_split"] == 0.0  # test/ exists
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    policy = yaml.safe_load((out / "policy.yaml").read_text())
+    assert policy["finetune"]["unfreeze_at"] == ["1:1"] and config["data"]["val_split"] == 0.0  # test/ exists
 
 
 def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path) -> None:
@@ -129,7 +131,7 @@ def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path) -> None:
         == 0
     )
     ft = read_file(out / "last.pt")
-    assert "layer3.2.bn2.num_batches_tracked" not in ft["model"]  # FrozenBatchNorm2d keeps no counter
+    assert "layer3.2.bn2.num_batches_tracked" not in ft["model"]  # FrozenBatchNorm keeps no counter
     src = read_file(source)["model"]
     assert torch.equal(src["layer3.2.conv2.weight"], ft["model"]["layer3.2.conv2.weight"])
     assert ft["config"]["data"]["val_split"] == 0.2  # no val/ or test/ folder: 20% held out
@@ -143,8 +145,12 @@ def test_torchvision_weights_from_a_temporary_cache(tmp_path, monkeypatch, capsy
     cache.mkdir(parents=True)
     torch.save(ref.state_dict(), cache / "resnet18-f37072fd.pth")
     pre = load_source("torchvision:resnet18.IMAGENET1K_V1")
-    assert pre.arch == "resnet18" and len(pre.classes) == 1000 and pre.classes[0] == "tench"
-    assert pre.preprocess["mean"] == [0.485, 0.456, 0.406] and pre.preprocess["size"] == [224, 224]
+    assert (
+        pre.arch == "resnet18"
+        and len(pre.preprocess.classes) == 1000
+        and pre.preprocess.classes[0] == "tench"
+    )
+    assert pre.preprocess.mean == (0.485, 0.456, 0.406) and pre.preprocess.size == (224, 224)
     root = write_folder(tmp_path / "photos", size=(72, 90), per_class=4, fmt="jpg")
     out = tmp_path / "ft"
     assert (
@@ -168,7 +174,7 @@ def test_torchvision_weights_from_a_temporary_cache(tmp_path, monkeypatch, capsy
         == 0
     )
     ft = read_file(out / "last.pt")
-    assert ft["preprocess"]["kind"] == "imagenet" and ft["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert ft["preprocess"]["resize"] == 256 and ft["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert torch.equal(ft["model"]["conv1.weight"], ref.state_dict()["conv1.weight"])  # frozen base kept
 
 

@@ -7,15 +7,29 @@ not. ``quick`` trains a few hundred iterations on real data, enough to show both
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 from pathlib import Path
 from typing import Any
 
-from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
-from reslab.config import load_config
-from reslab.engine.runlog import read_metrics
-from reslab.models import get_model_entry, list_models
+from reslab.analysis.common import (
+    add_common_args,
+    data_fields,
+    finish,
+    md_table,
+    pyplot,
+    run_from_args,
+    study_dir,
+    write_summary,
+)
+from reslab.config import POSITIVE, arg_type, int_list, load_config
+from reslab.engine import fit
+from reslab.engine.rundir import read_metrics
+from reslab.errors import ReslabError
+from reslab.models import list_models
+
+HELP = "train plain and residual twins at several depths (the paper's Figs. 1 and 6)"
 
 # A few hundred iterations of the paper's recipe. Deep residual nets need a warm-up at this budget
 # (the paper warms ResNet-110 up for 400 iterations); measured here: without it ResNet-56 is still
@@ -37,9 +51,14 @@ TRAIN_TAIL = 50  # final training error: the mean over the last 50 iterations
 
 def twins(depth: int) -> list[tuple[str, dict[str, Any], bool]]:
     """(model name, model_args, residual) of the plain and residual networks of ``depth`` layers."""
-    residual = f"resnet{depth}"
-    get_model_entry(residual)  # an unknown depth fails here, with suggestions
-    plain = f"plain{depth}"
+    residual, plain = f"resnet{depth}", f"plain{depth}"
+    if residual not in list_models():
+        known = sorted(int(n[5:]) for n in list_models("plain*"))
+        raise ReslabError(
+            f"no ResNet of depth {depth} to compare: the paper's CIFAR ResNets have 6n+2 layers "
+            f"(20, 32, 44, 56, 110, 1202) and its ImageNet ones 18, 34, ...; depths with plain twins: "
+            f"{', '.join(map(str, known))}"
+        )
     plain_pair = (plain, {}, False) if plain in list_models() else (residual, {"shortcut": "none"}, False)
     return [plain_pair, (residual, {}, True)]
 
@@ -57,12 +76,8 @@ def run(
     progress: bool = True,
     device: str = "auto",
 ) -> dict[str, Any]:
-    from reslab.engine import fit
-
     out = study_dir(out, "degradation")
-    data_overrides = {"data.name": data or ("folder" if data_dir else "default")}
-    if data_dir:
-        data_overrides["data.dir"] = data_dir
+    data_overrides = {f"data.{k}": v for k, v in data_fields(data, data_dir).items()}
     models = []
     for depth in depths:
         for name, args, residual in twins(depth):
@@ -78,7 +93,7 @@ def run(
                 "device": device,
                 "out": str(run_dir),
             }
-            if iters:
+            if iters is not None:
                 overrides["iters"] = iters
             if (run_dir / "summary.json").exists():
                 pass  # already trained by an earlier (interrupted) study: reuse it
@@ -112,6 +127,25 @@ def run(
     ]
     write_summary(out, "degradation", summary, "\n".join(md))
     return {"out": str(out), **summary}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "degradation")
+    p.add_argument(
+        "--depths", type=int_list(POSITIVE), default=[20, 56], help="comma-separated (default 20,56)"
+    )
+    p.add_argument("--quick", action="store_true", help="a few hundred iterations: minutes on a CPU")
+    p.add_argument(
+        "--config",
+        dest="recipe",
+        default="cifar10_paper",
+        help="recipe for full runs (default cifar10_paper)",
+    )
+    p.add_argument("--iters", type=arg_type(int, POSITIVE), help="override the budget")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run_from_args(run, args, args.depths)
 
 
 def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ after some training, and optionally the shattered-gradients correlation (Balduzz
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +12,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from reslab.analysis.common import finish, md_table, pyplot, study_dir, write_summary
+from reslab.analysis.common import (
+    add_common_args,
+    data_fields,
+    finish,
+    md_table,
+    pyplot,
+    run_from_args,
+    study_dir,
+    write_summary,
+)
 from reslab.analysis.degradation import twins
-from reslab.data import fixed_batches
+from reslab.config import NON_NEGATIVE, POSITIVE, arg_type, int_list, load_config
+from reslab.data import Placement, build_data, fixed_batches
+from reslab.engine import Budget, TrainState, TrainStep, build_optimizer, resolve_device, train_one_epoch
+from reslab.models import create_model
+
+HELP = "per-layer gradient norms of plain vs residual nets, at init and after training"
 
 
 def conv_grad_norms(
@@ -36,9 +52,9 @@ def gradient_correlation(model: nn.Module, x0: torch.Tensor, points: int = 128, 
     """Mean cosine similarity of input gradients between points ``lag`` apart on a line through input
     space, for lag = 0 .. points/2. Deep plain nets decorrelate fast (white noise); ResNets do not."""
     g = torch.Generator().manual_seed(seed)
-    direction = torch.randn(x0.shape, generator=g)
+    direction = torch.randn(x0.shape, generator=g).to(x0.device)
     direction *= x0.norm() / direction.norm()
-    t = torch.linspace(-0.5, 0.5, points).view(-1, *[1] * x0.ndim)
+    t = torch.linspace(-0.5, 0.5, points, device=x0.device).view(-1, *[1] * x0.ndim)
     xs = (x0 + t * direction).requires_grad_(True)
     model.train()
     out = model(xs)
@@ -58,25 +74,17 @@ def run(
     correlation: bool = False,
     seed: int = 0,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from reslab.config import load_config
-    from reslab.data import build_data
-    from reslab.engine.loop import Budget, TrainState, build_optimizer, train_one_epoch
-    from reslab.models import create_model
-
     out = study_dir(out, "gradients")
-    data_fields = {
-        "name": data or ("folder" if data_dir else "default"),
-        **({"dir": data_dir} if data_dir else {}),
-    }
-    x, y = fixed_batches({"data": data_fields}, split="train", limit=batch, batch_size=batch)[0]
+    dev = resolve_device(device)
+    fields = data_fields(data, data_dir)
+    x, y = fixed_batches({"data": fields}, None, split="train", limit=batch, batch_size=batch, device=dev)[0]
     cfg = load_config(
         overrides={
-            **{f"data.{k}": v for k, v in data_fields.items()},
+            **{f"data.{k}": v for k, v in fields.items()},
             "data.batch_size": batch,
-            "iters": steps,
+            "iters": max(1, steps),
             "sched.name": "constant",
             "sched.warmup_iters": steps // 2,
             "sched.warmup_factor": 0.01,
@@ -84,17 +92,13 @@ def run(
             "log_every": 10**6,
         }
     )
-    train_data = build_data(cfg.data, seed=seed, progress=False) if steps else None
+    train_data = build_data(cfg.data, place=Placement(dev, seed=seed), progress=False) if steps else None
     models = []
     jobs = [(d, *t) for d in depths for t in twins(d)]
     for depth, name, args, residual in tqdm(jobs, desc="models", disable=not progress, leave=False):
         torch.manual_seed(seed)
-        model = create_model(
-            name,
-            num_classes=int(y.max()) + 1 if train_data is None else len(train_data.classes),
-            in_chans=x.shape[1],
-            **args,
-        )
+        classes = int(y.max()) + 1 if train_data is None else len(train_data.classes)
+        model = create_model(name, num_classes=classes, in_chans=x.shape[1], **args).to(dev)
         row: dict[str, Any] = {
             "name": f"{'resnet' if residual else 'plain'}{depth}",
             "depth": depth,
@@ -104,13 +108,12 @@ def run(
         if correlation:
             row["correlation"] = gradient_correlation(model, x[0], seed=seed)
         if steps:
-            opt, state, budget = build_optimizer(model, cfg), TrainState(), Budget(steps, batch)
+            step = TrainStep(model, build_optimizer(model, cfg), cfg, dev)
+            state, budget = TrainState(), Budget(steps, batch)
             while not budget.done(state):
                 train_data.train.set_epoch(state.epoch)
-                train_one_epoch(
-                    model, train_data.train, opt, state, cfg, budget=budget, device=torch.device("cpu")
-                )
-                state.epoch, state.step, state.epoch_samples = state.epoch + 1, 0, 0
+                train_one_epoch(step, train_data.train, state, cfg, budget=budget)
+                state.end_epoch()
             row["trained"] = conv_grad_norms(model, x, y)
         for key in ("init", "trained"):
             if key in row:
@@ -152,6 +155,25 @@ def run(
     }
     write_summary(out, "gradients", summary, "\n".join(md))
     return {"out": str(out), **summary}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "gradients")
+    p.add_argument("--depths", type=int_list(POSITIVE), default=[20, 56, 110], help="default 20,56,110")
+    p.add_argument(
+        "--steps",
+        type=arg_type(int, NON_NEGATIVE),
+        default=100,
+        help="training steps before the second measurement",
+    )
+    p.add_argument("--batch", type=arg_type(int, POSITIVE), default=128)
+    p.add_argument(
+        "--correlation", action="store_true", help="also the shattered-gradients correlation curve"
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run_from_args(run, args, args.depths)
 
 
 def _plot(models: list[dict[str, Any]], path: Path, steps: int) -> None:

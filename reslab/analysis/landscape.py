@@ -10,6 +10,8 @@ it stopped and ``replot`` redraws without recomputing.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -17,17 +19,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from reslab.analysis.common import (
+    add_checkpoint_args,
+    add_common_args,
+    checkpoint_batches,
     checkpoint_label,
-    error_and_loss,
     finish,
+    load_checkpoints,
     md_table,
     pyplot,
+    run_from_args,
     study_dir,
     write_summary,
 )
-from reslab.data import fixed_batches
+from reslab.config import POSITIVE, arg_type
+from reslab.engine import Checkpoint, evaluate
+from reslab.errors import ReslabError
+
+HELP = "loss landscape along filter-normalised directions (Li et al. 2018)"
 
 
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
@@ -41,7 +52,7 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
         if p.ndim <= 1:
             direction.append(torch.zeros_like(p))
             continue
-        d = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        d = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
         w_norm = p.detach().flatten(1).norm(dim=1)
         d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)
         direction.append(d * (w_norm / d_norm).view(-1, *[1] * (p.ndim - 1)))
@@ -69,8 +80,6 @@ def surface(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Loss and error over the grid spanned by ``coords`` along ``dirs`` (1 or 2 of them), resumable."""
-    from tqdm import tqdm
-
     shape = tuple(len(c) for c in coords)
     loss, err = np.full(shape, np.nan), np.full(shape, np.nan)
     if npz.exists():
@@ -82,7 +91,8 @@ def surface(
     try:
         for n, idx in enumerate(tqdm(todo, desc=npz.stem, unit="point", disable=not progress, leave=False)):
             _set(model, base, dirs, [float(coords[k][i]) for k, i in enumerate(idx)])
-            err[idx], loss[idx] = error_and_loss(model, batches)
+            result = evaluate(model, batches)
+            err[idx], loss[idx] = result["err"], result["loss"]
             if n % max(1, shape[-1]) == shape[-1] - 1 or n == len(todo) - 1:
                 _save(npz, loss, err, coords, extra)
     finally:
@@ -102,8 +112,6 @@ def _save(npz: Path, loss, err, coords, extra) -> None:
 @torch.no_grad()
 def interpolation(model_a: nn.Module, model_b: nn.Module, batches, ts: np.ndarray) -> dict[str, np.ndarray]:
     """Loss and error along ``(1 - t) * A + t * B`` (parameters and BN statistics alike)."""
-    import copy
-
     sa, sb = model_a.state_dict(), model_b.state_dict()
     probe = copy.deepcopy(model_a)
     loss, err = [], []
@@ -111,14 +119,14 @@ def interpolation(model_a: nn.Module, model_b: nn.Module, batches, ts: np.ndarra
         probe.load_state_dict(
             {k: (1 - t) * v + t * sb[k] if v.dtype.is_floating_point else v for k, v in sa.items()}
         )
-        e, lo = error_and_loss(probe, batches)
-        err.append(e)
-        loss.append(lo)
+        result = evaluate(probe, batches)
+        err.append(result["err"])
+        loss.append(result["loss"])
     return {"t": ts, "loss": np.array(loss), "err": np.array(err)}
 
 
 def run(
-    checkpoints: list[str],
+    checkpoints: list[Checkpoint],
     *,
     out: str | Path | None = None,
     grid: int = 21,
@@ -130,28 +138,26 @@ def run(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from reslab.inference import load_checkpoint
-
+    if interpolate and len(checkpoints) != 2:
+        raise ReslabError("--interpolate needs exactly two checkpoints of the same architecture")
     out = study_dir(out, "landscape")
     coords = np.linspace(-span, span, grid)
     results = []
-    loaded = [load_checkpoint(c) for c in checkpoints]
-    for i, (path, (model, meta)) in enumerate(zip(checkpoints, loaded, strict=True)):
-        label = checkpoint_label(path, meta)
-        tag = f"{i}_{meta['arch']}"
-        batches = None if replot else fixed_batches(meta, split="train", limit=samples)
+
+    for i, ckpt in enumerate(checkpoints):
+        model = ckpt.model
+        tag = f"{i}_{ckpt.arch}"
+        batches = None if replot else checkpoint_batches(ckpt, "train", samples)
         g = torch.Generator().manual_seed(seed)
         d1, d2 = filter_normalized_direction(model, g), filter_normalized_direction(model, g)
-        extra = {"checkpoint": str(path), "arch": meta["arch"], "samples": samples, "seed": seed}
-        entry: dict[str, Any] = {"checkpoint": str(path), "arch": meta["arch"], "label": label}
+        extra = {"checkpoint": ckpt.path, "arch": ckpt.arch, "samples": samples, "seed": seed}
+        entry: dict[str, Any] = {"checkpoint": ckpt.path, "arch": ckpt.arch, "label": checkpoint_label(ckpt)}
         for kind, dirs, axes in (("1d", [d1], [coords]), ("2d", [d1, d2], [coords, coords])):
             if mode not in (kind, "both"):
                 continue
             npz = out / f"landscape_{tag}_{kind}.npz"
             if replot:
                 if not npz.exists():
-                    from reslab.errors import ReslabError
-
                     raise ReslabError(f"{npz}: nothing to replot; run without --replot first")
                 entry[kind] = dict(np.load(npz))
             else:
@@ -167,13 +173,13 @@ def run(
         )
         results.append(entry)
     if interpolate:
-        if len(loaded) != 2:
-            from reslab.errors import ReslabError
-
-            raise ReslabError("--interpolate needs exactly two checkpoints of the same architecture")
-        batches = fixed_batches(loaded[0][1], split="train", limit=samples)
         ts = np.linspace(-0.5, 1.5, 2 * grid - 1)
-        curve = interpolation(loaded[0][0], loaded[1][0], batches, ts)
+        curve = interpolation(
+            checkpoints[0].model,
+            checkpoints[1].model,
+            checkpoint_batches(checkpoints[0], "train", samples),
+            ts,
+        )
         np.savez(out / "interpolation.npz", **curve)
         _plot_interpolation(curve, out / "interpolation.png", [r["label"] for r in results])
     _plot(results, out, span)
@@ -208,6 +214,27 @@ def run(
     }
     write_summary(out, "landscape", summary, "\n".join(md))
     return {"out": str(out), **summary}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "landscape", data=False)
+    add_checkpoint_args(p, "one, or two side by side")
+    p.add_argument(
+        "--grid", type=arg_type(int, POSITIVE), default=21, help="points per axis (default 21; the paper: 51)"
+    )
+    p.add_argument(
+        "--span", type=arg_type(float, POSITIVE), default=1.0, help="coordinates run over [-span, span]"
+    )
+    p.add_argument(
+        "--samples", type=arg_type(int, POSITIVE), default=1000, help="training images (no augmentation)"
+    )
+    p.add_argument("--mode", choices=("1d", "2d", "both"), default="both")
+    p.add_argument("--interpolate", action="store_true", help="also the 1D path between two checkpoints")
+    p.add_argument("--replot", action="store_true", help="redraw from the saved NPZ files")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run_from_args(run, args, load_checkpoints(args))
 
 
 def _plot(results: list[dict[str, Any]], out: Path, span: float) -> None:

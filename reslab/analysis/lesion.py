@@ -5,24 +5,34 @@ collapses it. A ResNet of n blocks holds 2^n paths whose lengths are Binomial(n,
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from reslab.analysis.common import (
+    add_checkpoint_args,
+    add_common_args,
+    checkpoint_batches,
     checkpoint_label,
-    error_and_loss,
     finish,
     lesioned,
+    load_checkpoints,
     md_table,
     pyplot,
+    run_from_args,
     study_dir,
     write_summary,
 )
-from reslab.data import fixed_batches
+from reslab.config import NON_NEGATIVE, POSITIVE, arg_type
+from reslab.engine import Checkpoint, evaluate
+
+HELP = "remove residual blocks at test time (Veit et al. 2016)"
 
 
 def removable_blocks(model) -> list[int]:
@@ -35,8 +45,12 @@ def path_lengths(n: int) -> list[float]:
     return [math.comb(n, k) / 2**n for k in range(n + 1)]
 
 
+def _error_rate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return evaluate(model, batches)["err"]
+
+
 def run(
-    checkpoints: list[str],
+    checkpoints: list[Checkpoint],
     *,
     out: str | Path | None = None,
     limit: int = 2000,
@@ -47,40 +61,32 @@ def run(
     data_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from reslab.inference import load_checkpoint
-
     out = study_dir(out, "lesion")
     results = []
-    for path in checkpoints:
-        model, meta = load_checkpoint(path)
-        batches = fixed_batches(meta, split="test", limit=limit, data=data, data_dir=data_dir)
-        base, _ = error_and_loss(model, batches)
+    for ckpt in checkpoints:
+        model, arch = ckpt.model, ckpt.arch
+        batches = checkpoint_batches(ckpt, "test", limit, data, data_dir)
+        error = partial(_error_rate, model, batches)
+        base = error()
         blocks = model.blocks()
         ok = removable_blocks(model)
         single = []
-        for i in tqdm(
-            range(len(blocks)), desc=f"{meta['arch']}: one block", disable=not progress, leave=False
-        ):
+        for i in tqdm(range(len(blocks)), desc=f"{arch}: one block", disable=not progress, leave=False):
             if i in ok:
                 with lesioned(model, [i]):
-                    single.append({"block": i, "error": error_and_loss(model, batches)[0]})
+                    single.append({"block": i, "error": error()})
             else:
                 single.append({"block": i, "error": None, "note": "changes shape: not removable"})
         g = torch.Generator().manual_seed(seed)
         k_curve = []
         for k in tqdm(
-            range(1, min(max_k, len(ok)) + 1),
-            desc=f"{meta['arch']}: k blocks",
-            disable=not progress,
-            leave=False,
+            range(1, min(max_k, len(ok)) + 1), desc=f"{arch}: k blocks", disable=not progress, leave=False
         ):
             errs = []
             for _ in range(draws):
                 pick = [ok[j] for j in torch.randperm(len(ok), generator=g)[:k].tolist()]
                 with lesioned(model, pick):
-                    errs.append(error_and_loss(model, batches)[0])
+                    errs.append(error())
             mean = sum(errs) / len(errs)
             k_curve.append(
                 {
@@ -93,10 +99,10 @@ def run(
         removable_errors = [s["error"] for s in single if s["error"] is not None]
         results.append(
             {
-                "checkpoint": str(path),
-                "arch": meta["arch"],
+                "checkpoint": ckpt.path,
+                "arch": arch,
                 "residual": model.spec.residual,
-                "label": checkpoint_label(path, meta),
+                "label": checkpoint_label(ckpt),
                 "base_error": base,
                 "blocks": len(blocks),
                 "removable": len(ok),
@@ -146,6 +152,25 @@ def run(
     summary = {"limit": limit, "draws": draws, "checkpoints": results}
     write_summary(out, "lesion", summary, "\n".join(md))
     return {"out": str(out), **summary}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "lesion")
+    add_checkpoint_args(p)
+    p.add_argument("--limit", type=arg_type(int, POSITIVE), default=2000, help="test images to use")
+    p.add_argument(
+        "--draws", type=arg_type(int, POSITIVE), default=5, help="random draws per number of removed blocks"
+    )
+    p.add_argument(
+        "--max-k",
+        type=arg_type(int, NON_NEGATIVE),
+        default=10,
+        help="remove up to this many blocks at random",
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run_from_args(run, args, load_checkpoints(args))
 
 
 def _plot(results: list[dict[str, Any]], out: Path) -> None:

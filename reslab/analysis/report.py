@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from reslab.errors import ReslabError
+
+HELP = "gather study and run folders into one self-contained HTML page"
 
 
 def _markdown_to_html(text: str, folder: Path) -> str:
@@ -86,3 +90,12 @@ def build_report(folders: list[str], out: str | Path | None = None) -> Path:
     path = Path(out) if out else Path(folders[0]) / "report.html"
     path.write_text(page)
     return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folders", nargs="+", metavar="RUN_OR_STUDY_DIR")
+    p.add_argument("--out", metavar="FILE.html", help="default: report.html in the first folder")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return {"report": str(build_report(args.folders, args.out))}

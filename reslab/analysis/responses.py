@@ -4,6 +4,7 @@ plain layers, and deeper ResNets have smaller responses."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.analysis.common import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
-from reslab.data import fixed_batches
+from reslab.analysis.common import (
+    add_checkpoint_args,
+    add_common_args,
+    checkpoint_batches,
+    checkpoint_label,
+    finish,
+    load_checkpoints,
+    md_table,
+    pyplot,
+    run_from_args,
+    study_dir,
+    write_summary,
+)
+from reslab.config import POSITIVE, arg_type
+from reslab.engine import Checkpoint
+
+HELP = "std of each 3x3 layer's response on the test set (the paper's Fig. 7)"
 
 
 @torch.no_grad()
@@ -47,27 +63,23 @@ def layer_response_stds(
 
 
 def run(
-    checkpoints: list[str],
+    checkpoints: list[Checkpoint],
     *,
     out: str | Path | None = None,
     limit: int = 1000,
     data: str | None = None,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
-    from reslab.inference import load_checkpoint
-
     out = study_dir(out, "responses")
     results = []
-    for path in checkpoints:
-        model, meta = load_checkpoint(path)
-        batches = fixed_batches(meta, split="test", limit=limit, data=data, data_dir=data_dir)
-        stds = layer_response_stds(model, batches)
-        label = checkpoint_label(path, meta)
+    for ckpt in checkpoints:
+        batches = checkpoint_batches(ckpt, "test", limit, data, data_dir)
+        stds = layer_response_stds(ckpt.model, batches)
         results.append(
             {
-                "checkpoint": str(path),
-                "arch": meta["arch"],
-                "label": label,
+                "checkpoint": ckpt.path,
+                "arch": ckpt.arch,
+                "label": checkpoint_label(ckpt),
                 "layers": stds,
                 "mean_std": sum(s for _, s in stds) / len(stds),
                 "images": sum(len(y) for _, y in batches),
@@ -98,6 +110,16 @@ def run(
     }
     write_summary(out, "responses", summary, "\n".join(md))
     return {"out": str(out), **summary}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "responses", seed=False)
+    add_checkpoint_args(p)
+    p.add_argument("--limit", type=arg_type(int, POSITIVE), default=1000, help="test images to use")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run_from_args(run, args, load_checkpoints(args))
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -7,30 +7,19 @@ same crops as an uninterrupted one. Undecodable files are skipped and reported b
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from reslab.data.memory import Uint8Normalizer, step_seed
+from reslab.data.loader import Placement, Uint8Normalizer, shard_order, step_seed
+from reslab.data.preprocess import Preprocess, eval_transform
+from reslab.data.sources import IMG_EXTENSIONS
 from reslab.errors import ReslabError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def imagenet_transforms(train: bool, size: int, resize: int):
-    """ImageNet-style geometry on uint8 images: random-resized crop + flip for training, resize +
-    center crop for evaluation (as torchvision's eval transforms). Normalisation happens later, on
-    whole batches."""
-    from torchvision.transforms import v2
-
-    if train:
-        return v2.Compose(
-            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
-        )
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
 
 
 class ImageFiles(Dataset):
@@ -52,8 +41,6 @@ class ImageFiles(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | str:
         index, seed = item
         path, label = self.samples[index]
-        from PIL import Image
-
         try:
             with Image.open(path) as im:
                 if self.draft:
@@ -68,11 +55,8 @@ class ImageFiles(Dataset):
 class SeededSampler(Sampler):
     """Yields (index, sample seed): a per-epoch permutation (or the natural order), sharded by rank."""
 
-    def __init__(
-        self, n: int, *, shuffle: bool, seed: int, batch_size: int, rank: int = 0, world: int = 1
-    ) -> None:
-        self.n, self.shuffle, self.seed, self.batch_size = n, shuffle, seed, batch_size
-        self.rank, self.world = rank, world
+    def __init__(self, n: int, *, shuffle: bool, place: Placement) -> None:
+        self.n, self.shuffle, self.place = n, shuffle, place
         self.epoch, self.start_sample = 0, 0
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
@@ -80,16 +64,21 @@ class SeededSampler(Sampler):
         self.epoch, self.start_sample = epoch, start_sample
 
     def indices(self, start: int = 0) -> list[int]:
-        if not self.shuffle:
-            return torch.arange(self.n)[start:][self.rank :: self.world].tolist()
-        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
-        order = torch.randperm(self.n, generator=g)[start:]
-        order = order[: len(order) - len(order) % self.world]  # equal shards: every process takes equal steps
-        return order[self.rank :: self.world].tolist()
+        p = self.place
+        order = shard_order(
+            self.n,
+            shuffle=self.shuffle,
+            seed=p.seed,
+            epoch=self.epoch,
+            start=start,
+            rank=p.rank,
+            world=p.world,
+        )
+        return order.tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i in self.indices(self.start_sample):
-            yield i, step_seed(self.seed, self.epoch, i)
+            yield i, step_seed(self.place.seed, self.epoch, i)
 
     def __len__(self) -> int:
         return len(self.indices(self.start_sample))
@@ -121,15 +110,12 @@ class FolderLoader:
         workers: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        channels_last: bool = False,
-        rank: int = 0,
-        world: int = 1,
+        place: Placement | None = None,
         strict: bool = False,
         draft: int | None = None,
         eval_transform=None,
     ) -> None:
+        place = place or Placement()
         self._args = dict(
             samples=samples,
             transform=eval_transform or transform,
@@ -138,25 +124,14 @@ class FolderLoader:
             workers=workers,
             mean=mean,
             std=std,
-            seed=seed,
-            device=device,
-            channels_last=channels_last,
-            rank=rank,
-            world=world,
+            place=place,
             strict=strict,
             draft=draft,
         )
-        self.device = torch.device(device)
-        self.train, self.batch_size, self.channels_last, self.strict = (
-            train,
-            batch_size,
-            channels_last,
-            strict,
-        )
+        self.device, self.place = place.device, place
+        self.train, self.batch_size, self.strict = train, batch_size, strict
         self.normalize = Uint8Normalizer(mean, std, 4, self.device)
-        self.sampler = SeededSampler(
-            len(samples), shuffle=train, seed=seed, batch_size=batch_size, rank=rank, world=world
-        )
+        self.sampler = SeededSampler(len(samples), shuffle=train, place=place)
         self.loader = DataLoader(
             ImageFiles(samples, transform, channels, draft),
             batch_size=batch_size,
@@ -193,4 +168,57 @@ class FolderLoader:
             self.skipped.extend(skipped)
             if len(y) == 0:
                 continue
-            yield self.normalize(x, self.channels_last), y.to(self.device, non_blocking=True)
+            yield self.normalize(x, self.place.channels_last), y.to(self.device, non_blocking=True)
+
+
+def list_images(inputs: list[str], strict: bool = False) -> list[Path]:
+    """Image files named directly or found in folders; other files in folders are reported (or, with
+    ``strict``, refused)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            others = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
+            for f in others:
+                if strict:
+                    raise ReslabError(f"{f}: not an image file (drop --strict to skip such files)")
+                print(f"reslab: skipping {f}: not an image file", file=sys.stderr)
+            files.extend(f for f in found if f.suffix.lower() in IMG_EXTENSIONS)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise ReslabError(f"{p}: no such file or folder")
+    if not files:
+        raise ReslabError(f"no images found in {', '.join(inputs)}")
+    return files
+
+
+def image_loader(
+    files: list[Path],
+    pre: Preprocess,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+    draft: bool = False,
+) -> FolderLoader:
+    """Batches of (normalised images, file indices) for a list of files, decoded by DataLoader workers.
+
+    Unreadable files are named on stderr and skipped (their indices are absent), or raise with
+    ``strict``. ``draft`` lets the JPEG decoder downscale while decoding (faster, not pixel-exact).
+    """
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    return FolderLoader(
+        [(str(f), i) for i, f in enumerate(files)],
+        eval_transform(pre),
+        batch_size=batch_size,
+        train=False,
+        channels=pre.channels,
+        workers=workers if len(files) > batch_size else 0,
+        mean=pre.mean,
+        std=pre.std,
+        place=Placement(device=torch.device(device)),
+        strict=strict,
+        draft=pre.resize if draft and pre.resize else None,
+    )

@@ -13,12 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """A well-mixed 63-bit seed for one (epoch, step) of a run."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 31
-    return x & (2**63 - 1)
+from reslab.data.loader import Placement, Uint8Normalizer, shard_order, step_seed
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -47,33 +42,6 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     return x
 
 
-class Uint8Normalizer:
-    """uint8 image batches -> float32 ``(x / 255 - mean) / std`` on the device, in the memory format
-    the model wants.
-
-    One conversion, then in-place arithmetic: the out-of-place ``(x.float() - m) * s`` makes three
-    passes and two temporaries over every batch (measured here: 1-2 ms per 224x224 image against
-    0.2-0.4 ms in place, next to ~2.5 ms to decode a JPEG).
-    """
-
-    def __init__(
-        self, mean: tuple[float, ...], std: tuple[float, ...], ndim: int, device: torch.device
-    ) -> None:
-        shape = (1, len(mean)) + (1,) * (ndim - 2)
-        self.device = device
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(shape).to(device)
-
-    def __call__(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 image batch, got {x.dtype}")
-        fmt = torch.contiguous_format
-        if channels_last:
-            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-        x = x.to(self.device, non_blocking=True).to(torch.float32, memory_format=fmt)
-        return x.sub_(self.shift).mul_(self.scale)
-
-
 class TensorLoader:
     """Iterates (images, labels) batches from uint8 tensors kept on ``device``.
 
@@ -94,20 +62,17 @@ class TensorLoader:
         std: tuple[float, ...],
         augment: str = "none",
         pad: int = 4,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        channels_last: bool = False,
-        rank: int = 0,
-        world: int = 1,
+        place: Placement | None = None,
     ) -> None:
-        self.device = torch.device(device)
+        place = place or Placement()
+        self.device = place.device
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment, pad
-        self.seed, self.rank, self.world = seed, rank, world
-        self.channels_last = channels_last
+        self.place = place
         self.normalize = Uint8Normalizer(mean, std, images.ndim, self.device)
         self.epoch, self.start_sample = 0, 0
+        self.skipped: list[str] = []  # decoded up front: unreadable files were reported then
 
     def as_eval(self, batch_size: int | None = None) -> TensorLoader:
         """The same images in their natural order, every one, without augmentation."""
@@ -118,8 +83,8 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Samples this process sees per epoch."""
-        n = len(self.labels)
-        return (n - self.rank + self.world - 1) // self.world
+        n, rank, world = len(self.labels), self.place.rank, self.place.world
+        return (n - rank + world - 1) // world
 
     def __len__(self) -> int:
         n = self.num_samples
@@ -131,18 +96,21 @@ class TensorLoader:
         self.epoch, self.start_sample = epoch, start_sample
 
     def _order(self) -> torch.Tensor:
-        n = len(self.labels)
-        if not self.train:
-            return torch.arange(n)[self.rank :: self.world]
-        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, -1))
-        order = torch.randperm(n, generator=g)[self.start_sample :]
-        order = order[: len(order) - len(order) % self.world]  # equal shards: every process takes equal steps
-        return order[self.rank :: self.world]
+        p = self.place
+        return shard_order(
+            len(self.labels),
+            shuffle=self.train,
+            seed=p.seed,
+            epoch=self.epoch,
+            start=self.start_sample if self.train else 0,
+            rank=p.rank,
+            world=p.world,
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         b = self.batch_size
-        skipped = self.start_sample // (b * self.world)  # batches the earlier part of the epoch took
+        skipped = self.start_sample // (b * self.place.world)  # batches the earlier part of the epoch took
         self.start_sample = 0
         gen = torch.Generator(device=self.device)
         steps = len(order) // b if self.train else -(-len(order) // b)
@@ -151,8 +119,8 @@ class TensorLoader:
             idx = order[i * b : (i + 1) * b]
             x = self.images[idx]
             if self.train and self.augment != "none":
-                gen.manual_seed(step_seed(self.seed + 1 + self.rank, self.epoch, step))
+                gen.manual_seed(step_seed(self.place.seed + 1 + self.place.rank, self.epoch, step))
                 x = random_crop_flip(
                     x, self.pad if "crop" in self.augment else 0, "flip" in self.augment, gen
                 )
-            yield self.normalize(x, self.channels_last), self.labels[idx]
+            yield self.normalize(x, self.place.channels_last), self.labels[idx]

@@ -21,8 +21,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST
+from tqdm import tqdm
 
 from reslab.errors import ReslabError
+from reslab.weights import atomic_save
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -50,6 +54,17 @@ class ImageArrays:
         """Only the images of ``keep``, relabelled 0..len(keep)-1 in that order."""
         mask, labels = _relabel(self.labels, self.classes, keep)
         return ImageArrays(self.images[mask], labels, list(keep), self.skipped)
+
+    def with_channels(self, channels: int) -> ImageArrays:
+        """Grey images repeated to ``channels``, or colour images averaged to grey."""
+        x = self.images
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, *x.shape[2:]).contiguous()
+        elif channels == 1:
+            x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
+        else:
+            raise ReslabError(f"cannot turn {x.shape[1]}-channel images into {channels}-channel ones")
+        return ImageArrays(x, self.labels, self.classes, self.skipped)
 
 
 def _relabel(labels: torch.Tensor, classes: list[str], keep: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +136,6 @@ def load_mnist(root: str | os.PathLike, download: bool = False) -> tuple[ImageAr
     root = Path(root)
     raw = _find_mnist_raw(root)
     if raw is None and download:
-        from torchvision.datasets import MNIST
-
         MNIST(str(root), train=True, download=True)
         raw = _find_mnist_raw(root)
     if raw is None:
@@ -186,8 +199,6 @@ def load_cifar(
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     base = root if (root / "batches.meta").exists() or (root / "meta").exists() else root / sub
     if not base.exists() and download:
-        from torchvision.datasets import CIFAR10, CIFAR100
-
         (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
     if not base.exists():
         raise ReslabError(f"{root}: no {sub} folder; add --download, or use --data folder for class folders")
@@ -278,8 +289,6 @@ def find_splits(root: Path) -> tuple[FolderSplit, FolderSplit | None]:
 
 
 def _decode(args: tuple[str, str]) -> np.ndarray | str:
-    from PIL import Image
-
     path, mode = args
     try:
         with Image.open(path) as im:
@@ -290,8 +299,6 @@ def _decode(args: tuple[str, str]) -> np.ndarray | str:
 
 def peek_images(split: FolderSplit, n: int = 16) -> tuple[tuple[int, int], int]:
     """(largest height/width, channels) among a few images of a split, to choose a loading path."""
-    from PIL import Image
-
     step = max(1, len(split.samples) // n)
     sizes, grey = [], 0
     for path, _ in split.samples[::step][:n]:
@@ -326,8 +333,6 @@ def decode_folder(split: FolderSplit, channels: int, cache_dir: Path, progress: 
                 return ImageArrays(blob["images"], blob["labels"], blob["classes"], blob["skipped"])
         except Exception:
             pass  # a stale or torn cache is rebuilt
-    from tqdm import tqdm
-
     mode = "L" if channels == 1 else "RGB"
     jobs = [(p, mode) for p, _ in split.samples]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -354,8 +359,6 @@ def decode_folder(split: FolderSplit, channels: int, cache_dir: Path, progress: 
     images = torch.from_numpy(arr if arr.ndim == 4 else arr[..., None]).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
     out = ImageArrays(images, labels, split.classes, skipped)
-    from reslab.weights import atomic_save
-
     blob = {
         "fingerprint": fingerprint,
         "images": images,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from reslab.data.sources import IMG_EXTENSIONS, ImageArrays
 from reslab.errors import ReslabError
@@ -59,14 +60,12 @@ def _resize_clip(frames: np.ndarray, size: int) -> torch.Tensor:
 def read_clip(path: Path, frames: int, size: int) -> torch.Tensor:
     """One clip (a video file or a folder of frame images) as (3, frames, size, size) uint8."""
     if path.is_dir():
-        from PIL import Image
-
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMG_EXTENSIONS)
         picks = [files[i] for i in _sample_indices(len(files), frames)]
         if not picks:
             raise ReslabError(f"{path}: a clip folder with no frame images")
         return _resize_clip(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in picks]), size)
-    try:
+    try:  # PyAV: only for video files, and optional for users
         import av
     except ImportError:
         raise ReslabError(

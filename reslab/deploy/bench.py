@@ -9,63 +9,28 @@ measured fp32 matrix-multiply peak.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch._inductor.config as inductor_config
+import torchvision
 from torch import nn
 
+from reslab.complexity import count_macs
+from reslab.deploy.export import ort_session, write_onnx
+from reslab.deploy.fold import fold_batchnorm
+from reslab.deploy.quantize import quantize_onnx
+from reslab.deploy.timing import latency, matmul_peak, time_calls
+from reslab.engine import read_checkpoint
 from reslab.errors import ReslabError
+from reslab.models import create_model, get_model_entry
 
 BACKENDS = ("torchvision", "reslab", "reslab-cl-fold", "reslab-compile", "ort-fp32", "ort-int8")
 
 
-def matmul_peak(seconds: float = 3.0, device: str = "cpu") -> float:
-    """The best fp32 GFLOP/s of large square matmuls on ``device``.
-
-    The fastest single call counts, not the mean: on a shared machine a mean is pulled down by
-    whatever else runs, and a peak that is too low makes every fraction of it look too good.
-    """
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    best = 0.0
-    sizes = (1024, 2048, 3072) if device == "cpu" else (4096, 8192)
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        a @ b
-        sync()
-        end = time.perf_counter() + seconds / len(sizes)
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def time_calls(
-    fn: Callable[[], Any], min_time: float, warmup: int = 3, min_runs: int = 5, sync=None
-) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < min_runs:
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def _torchvision_twin(name: str) -> nn.Module | None:
-    import torchvision
-
     for namespace in (torchvision.models, torchvision.models.video):
         builder = getattr(namespace, name, None)
         if callable(builder) and name in torchvision.models.list_models(module=namespace):
@@ -84,19 +49,12 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark a registered model name or a checkpoint; returns the peak and a list of rows."""
-    from reslab.complexity import count_macs
-    from reslab.deploy.export import write_onnx
-    from reslab.deploy.fold import fold_batchnorm
-    from reslab.deploy.quantize import quantize_onnx
-    from reslab.inference import load_checkpoint
-    from reslab.models import create_model, get_model_entry
-
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ReslabError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     if Path(target).is_file():
-        model, meta = load_checkpoint(target)
-        name = meta["arch"]
+        ckpt = read_checkpoint(target)
+        model, name = ckpt.model, ckpt.arch
     else:
         name = target
         model = create_model(name).eval()
@@ -108,7 +66,7 @@ def bench(
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     say = progress or (lambda _msg: None)
     say("measuring the fp32 matmul peak")
-    peak = matmul_peak(device=device)
+    peak = matmul_peak(1.5 * min_time, device=device)
     with torch.device("meta"):
         macs_per_image = count_macs(
             create_model(name, num_classes=model.num_classes).eval(), (1, model.in_chans, *size)
@@ -161,19 +119,14 @@ def bench(
             say(f"{backend} batch {bs}")
             with torch.no_grad():
                 out = torch.as_tensor(fn()).to(reference.device)
-                times = time_calls(fn, min_time, sync=sync)
-            p50, p90 = np.percentile(times, [50, 90])
-            gflops = 2 * macs_per_image * bs / p50 / 1e9
+                cell = latency(time_calls(fn, min_time, sync=sync), bs)
+            gflops = 2 * macs_per_image * cell["img_per_s"] / 1e9
             agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
             rows.append(
                 {
                     "backend": backend,
                     "batch": bs,
-                    "img_per_s": bs / p50,
-                    "p50_ms": 1e3 * p50,
-                    "p90_ms": 1e3 * p90,
-                    "spread_pct": 100 * (p90 - p50) / p50,
-                    "runs": len(times),
+                    **cell,
                     "gflops_per_s": gflops,
                     "peak_fraction": gflops / peak,
                     "top1_agree": agree,
@@ -195,8 +148,6 @@ def bench(
 
 
 def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:
-    from reslab.deploy.export import ort_session
-
     session = ort_session(path, threads=torch.get_num_threads())
     feed = {session.get_inputs()[0].name: x.cpu().numpy()}
     return lambda: torch.from_numpy(session.run(None, feed)[0])
@@ -204,7 +155,5 @@ def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:
 
 def _compile(model: nn.Module) -> Callable:
     """torch.compile for inference: inductor with frozen (constant-folded, pre-packed) weights."""
-    import torch._inductor.config as inductor_config
-
     inductor_config.freezing = True
     return torch.compile(model)

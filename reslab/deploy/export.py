@@ -17,17 +17,18 @@ import torch
 from torch import nn
 
 from reslab.deploy.fold import fold_batchnorm
+from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
 OPSET = 18
 
 
-def _metadata(meta: dict[str, Any], fmt: str, batch: str | int, folded: bool) -> dict[str, Any]:
+def _metadata(ckpt: Checkpoint, fmt: str, batch: str | int, folded: bool) -> dict[str, Any]:
     return {
-        "arch": meta["arch"],
-        "classes": meta["classes"],
-        "preprocess": meta["preprocess"],
+        "arch": ckpt.arch,
+        "classes": ckpt.classes,
+        "preprocess": ckpt.preprocess.to_dict(),
         "format": fmt,
         "batch": batch,
         "folded_bn": folded,
@@ -38,7 +39,7 @@ def _metadata(meta: dict[str, Any], fmt: str, batch: str | int, folded: bool) ->
 def write_onnx(
     model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, metadata: dict[str, Any]
 ) -> None:
-    import onnx
+    import onnx  # only for export: a deployment dependency most commands never load
 
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
     with warnings.catch_warnings():
@@ -63,7 +64,7 @@ def write_onnx(
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # only when an ONNX file is run: a deployment dependency
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -86,8 +87,7 @@ def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def export_model(
-    model: nn.Module,
-    meta: dict[str, Any],
+    ckpt: Checkpoint,
     fmt: str,
     out: str | os.PathLike,
     *,
@@ -95,20 +95,20 @@ def export_model(
     fold_bn: bool = False,
     verify_inputs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` in ``fmt`` to ``out`` (+ ``out.json``) and verify it on ``verify_inputs``."""
+    """Write a checkpoint's model in ``fmt`` to ``out`` (+ ``out.json``) and verify it on
+    ``verify_inputs``."""
     if fmt not in FORMATS:
         raise ReslabError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     dynamic = batch == "dynamic"
     if not dynamic and (not isinstance(batch, int) or batch < 1):
         raise ReslabError(f"--batch {batch!r}: 'dynamic' or a positive number")
-    model = model.eval()
+    model = ckpt.model.eval().cpu()
     deployed = fold_batchnorm(model) if fold_bn else model
-    size = tuple(meta["preprocess"]["size"])  # (H, W), or (T, H, W) for clips
-    shape = (2 if dynamic else batch, meta["preprocess"]["channels"], *size)
+    shape = (2 if dynamic else batch, ckpt.preprocess.channels, *ckpt.preprocess.size)
     example = torch.randn(shape)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = _metadata(meta, fmt, batch, fold_bn)
+    metadata = _metadata(ckpt, fmt, batch, fold_bn)
     with torch.no_grad():
         if fmt == "onnx":
             write_onnx(deployed, example, path, dynamic, metadata)
@@ -130,7 +130,7 @@ def export_model(
         "folded_bn": fold_bn,
     }
     if verify_inputs is not None:
-        x = verify_inputs if dynamic else verify_inputs[:batch]
+        x = verify_inputs.cpu() if dynamic else verify_inputs[:batch].cpu()
         if not dynamic and len(x) < batch:
             x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.ndim - 1))[:batch]
         with torch.no_grad():

@@ -14,14 +14,15 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torchvision.ops import FrozenBatchNorm2d
+
+from reslab.models.layers import NORM_TYPES
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _is_norm(m: nn.Module) -> bool:
-    from torchvision.ops import FrozenBatchNorm2d
-
-    return isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
+    return isinstance(m, (*NORM_TYPES, FrozenBatchNorm2d))
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

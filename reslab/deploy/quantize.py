@@ -9,22 +9,25 @@ the user can choose.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from reslab.data import Placement, build_data, checkpoint_data, fixed_batches
+from reslab.deploy.export import export_model, ort_session
+from reslab.deploy.inputs import real_inputs
+from reslab.deploy.timing import latency, time_calls
+from reslab.engine import EvalStats, read_checkpoint
 from reslab.errors import ReslabError
 
 
 def quantize_onnx(fp32: Path, int8: Path, calibration: torch.Tensor, batch: int = 16) -> Path:
     """Write an int8 QDQ model of ``fp32`` to ``int8``, calibrated on ``calibration`` inputs."""
+    # onnxruntime's quantization tools: loaded only when quantizing (a deployment dependency)
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from reslab.deploy.export import ort_session
 
     name = ort_session(fp32).get_inputs()[0].name
     chunks = [calibration[i : i + batch].numpy() for i in range(0, len(calibration), batch)]
@@ -54,9 +57,6 @@ def quantize_onnx(fp32: Path, int8: Path, calibration: torch.Tensor, batch: int 
 
 def onnx_accuracy(path: Path, loader) -> dict[str, Any]:
     """Top-1/top-5 error of an ONNX model over a reslab evaluation loader."""
-    from reslab.deploy.export import ort_session
-    from reslab.engine.loop import EvalStats
-
     session = ort_session(path)
     name = session.get_inputs()[0].name
     stats = EvalStats(torch.device("cpu"))
@@ -70,23 +70,11 @@ def onnx_accuracy(path: Path, loader) -> dict[str, Any]:
     return result
 
 
-def onnx_latency(
-    path: Path, shape: tuple[int, ...], min_time: float = 1.5, warmup: int = 3
-) -> dict[str, float]:
+def onnx_latency(path: Path, shape: tuple[int, ...], min_time: float = 1.5) -> dict[str, float]:
     """p50/p90 latency and throughput of an ONNX model on random inputs of ``shape``."""
-    from reslab.deploy.export import ort_session
-
     session = ort_session(path)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    p50, p90 = np.percentile(times, [50, 90])
-    return {"p50_ms": 1e3 * p50, "p90_ms": 1e3 * p90, "img_per_s": shape[0] / p50}
+    return latency(time_calls(lambda: session.run(None, feed), min_time), shape[0])
 
 
 def quantize_report(
@@ -95,37 +83,29 @@ def quantize_report(
     calib: str | None = None,
     calib_n: int = 256,
     model: str | None = None,
+    min_time: float = 1.5,
 ) -> dict[str, Any]:
     """Export fp32 ONNX, quantize to int8 on real calibration images, and compare accuracy on the
-    checkpoint's real test set and speed at batch 1 and 8."""
-    from reslab.data import build_data, checkpoint_data, fixed_batches
-    from reslab.deploy import real_inputs
-    from reslab.deploy.export import export_model
-    from reslab.inference import load_checkpoint
-
-    net, meta = load_checkpoint(checkpoint, model)
+    checkpoint's real test set and speed at batch 1 and 8 (``min_time`` seconds per measurement)."""
+    ckpt = read_checkpoint(checkpoint, model)
+    pre = ckpt.preprocess
     int8 = Path(out) if out else Path(checkpoint).with_suffix(".int8.onnx")
     fp32 = int8.with_name(
         int8.name.replace(".int8", "") if ".int8" in int8.name else int8.stem + ".fp32.onnx"
     )
-    export_model(net, meta, "onnx", fp32, fold_bn=True, verify_inputs=real_inputs(meta, calib, 16))
+    export_model(ckpt, "onnx", fp32, fold_bn=True, verify_inputs=real_inputs(ckpt, calib, 16))
     loader = None
-    if (meta.get("config") or {}).get("data"):
-        cfg, seed = checkpoint_data(meta, augment="none", batch_size=64, eval_batch_size=256)
+    if (ckpt.config or {}).get("data"):
+        cfg, seed = checkpoint_data(ckpt.config, augment="none", batch_size=64, eval_batch_size=256)
         data = build_data(
-            cfg,
-            seed=seed,
-            channels=meta["preprocess"]["channels"],
-            preprocess=meta["preprocess"],
-            progress=False,
+            cfg, place=Placement(seed=seed), channels=pre.channels, preprocess=pre, progress=False
         )
         loader = data.eval
         if calib is None:  # calibrate on training images, never on the test set
-            calibration = torch.cat([x for x, _ in fixed_batches(meta, split="train", limit=calib_n)])[
-                :calib_n
-            ]
+            batches = fixed_batches(ckpt.config, pre, split="train", limit=calib_n)
+            calibration = torch.cat([x for x, _ in batches])[:calib_n]
     if calib is not None:
-        calibration = real_inputs(meta, calib, calib_n)
+        calibration = real_inputs(ckpt, calib, calib_n)
     elif loader is None:
         raise ReslabError(
             f"{checkpoint}: no record of its data; pass --calib DIR with real calibration images"
@@ -140,10 +120,10 @@ def quantize_report(
             int8_top1_err=b["err"],
             top1_agreement=(a["predictions"] == b["predictions"]).float().mean().item(),
         )
-    shape_tail = (meta["preprocess"]["channels"], *meta["preprocess"]["size"])
+    shape_tail = (pre.channels, *pre.size)
     for bs in (1, 8):
         for tag, path in (("fp32", fp32), ("int8", int8)):
-            report[f"{tag}_b{bs}"] = onnx_latency(path, (bs, *shape_tail))
+            report[f"{tag}_b{bs}"] = onnx_latency(path, (bs, *shape_tail), min_time)
         report[f"int8_speedup_b{bs}"] = (
             report[f"int8_b{bs}"]["img_per_s"] / report[f"fp32_b{bs}"]["img_per_s"]
         )

@@ -182,4 +182,56 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine map (buffers, not parameters), for 2D and 3D
+    inputs alike: what a frozen part of a network computes whatever mode it is in.
+
+    State-dict keys are torchvision's ``FrozenBatchNorm2d``'s (no step counter), so weights move
+    between the two.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), fill))
+
+    @classmethod
+    @torch.no_grad()
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
+        frozen = cls(bn.num_features, bn.eps).to(bn.running_mean.device)
+        if bn.affine:
+            frozen.weight.copy_(bn.weight)
+            frozen.bias.copy_(bn.bias)
+        frozen.running_mean.copy_(bn.running_mean)
+        frozen.running_var.copy_(bn.running_var)
+        return frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm's counter: nowhere to go
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * scale.view(shape) + shift.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (any dimension) inside ``module`` by a :class:`FrozenBatchNorm`."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, FrozenBatchNorm.from_batchnorm(child))
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
+
+
 ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {"se": SqueezeExcite}

@@ -66,13 +66,17 @@ def families() -> list[str]:
 
 
 def get_model_entry(name: str) -> ModelEntry:
+    """The entry of a registered name (matched case-insensitively, as ``RESNET50``)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    lowered = name.lower()
+    if lowered in _REGISTRY:
+        return _REGISTRY[lowered]
     for regex, make in _PATTERNS:
-        match = regex.fullmatch(name)
+        match = regex.fullmatch(lowered)
         if match:
             return make(match)
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.6)
+    close = difflib.get_close_matches(lowered, list(_REGISTRY), n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ReslabError(f"unknown model {name!r}{hint} (`reslab models` lists them all)")
 
@@ -94,7 +98,7 @@ def create_model(
     residual network; any other spec field must agree with the named architecture.
     """
     entry = get_model_entry(name)
-    spec = entry.spec
+    name, spec = entry.name, entry.spec
     changes, options = {}, {}
     for key, value in overrides.items():
         if key in SPEC_FIELDS:

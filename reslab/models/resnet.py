@@ -352,6 +352,27 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, name) for name in self.stage_names]
 
+    def parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """The network from input to output in named parts: ``stem``, each stage, ``head`` (the final
+        norm and the classifier). Freezing and fine-tuning act on these."""
+        tail = [m for m in (self.norm, self.fc) if m is not None]
+        return (
+            [("stem", [getattr(self, s) for s in self.stem_names])]
+            + [(s, [getattr(self, s)]) for s in self.stage_names]
+            + [("head", tail)]
+        )
+
+    def set_trainable(self, first: int) -> list[str]:
+        """Train the parts from index ``first`` of :meth:`parts` on and freeze those before it
+        (``requires_grad``); returns the names of the trainable parts."""
+        trainable = []
+        for i, (name, modules) in enumerate(self.parts()):
+            for module in modules:
+                module.requires_grad_(i >= first)
+            if i >= first:
+                trainable.append(name)
+        return trainable
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 

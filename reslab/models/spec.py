@@ -103,6 +103,22 @@ class ResNetSpec:
         stem_convs = 3 if self.stem == "deep" else 1
         return stem_convs + per_block * sum(self.depths) + 1
 
+    def describe(self) -> str:
+        """One line: the transform, stem, shortcut and the options that are set."""
+        shortcut = {
+            "none": "none (plain network)",
+            "A": "A (zero-pad)",
+            "B": "B (project on shape change)",
+            "C": "C (project everywhere)",
+            "D": "D (avg-pool + project)",
+        }[self.shortcut]
+        return (
+            f"block {self.block}, stem {self.stem}, shortcut {shortcut}"
+            + (", pre-activation" if self.preact else "")
+            + (f", groups {self.groups}x{self.base_width}d" if self.groups > 1 else "")
+            + (f", attention {self.attn}" if self.attn else "")
+        )
+
     def replace(self, **changes: Any) -> ResNetSpec:
         return replace(self, **changes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reslab.errors import ReslabError
 from reslab.models.registry import ModelEntry, register_model, register_pattern
 from reslab.models.spec import ResNetSpec
 
@@ -161,8 +162,6 @@ def _register_family() -> None:
 def wide_resnet_spec(depth: int, k: int) -> ResNetSpec:
     n, rest = divmod(depth - 4, 6)
     if rest or n < 1:
-        from reslab.errors import ReslabError
-
         raise ReslabError(f"WRN-{depth}-{k}: Wide ResNets have 6n+4 layers (16, 22, 28, 40, ...)")
     return ResNetSpec(preact=True, **{**CIFAR, "widths": (16 * k, 32 * k, 64 * k), "depths": (n, n, n)})
 

@@ -37,31 +37,37 @@ def gradient_step(out: str, batch: int) -> None:
 
 def fail_on_rank(rank: int) -> None:
     """Training where one rank raises mid-run: the job must end, not hang."""
-    import reslab.engine.loop as loop
+    import reslab.engine.train as train
     from reslab.cli import main
 
-    original = loop.lr_factor
+    original = train.lr_factor
 
     def boom(it, total, cfg):
         if it == 3 and int(os.environ["RANK"]) == rank:
             raise RuntimeError(f"simulated failure on rank {rank}")
         return original(it, total, cfg)
 
-    loop.lr_factor = boom
+    train.lr_factor = boom
     raise SystemExit(main(sys.argv[3:]))
 
 
 def evaluate_count(n: int) -> None:
     """Distributed evaluation over n samples: every sample must count exactly once."""
-    from reslab.data.memory import TensorLoader
+    from reslab.data import Placement, TensorLoader
     from reslab.engine import distributed as dist
-    from reslab.engine.loop import evaluate
+    from reslab.engine import evaluate
 
     ctx = dist.setup("cpu")
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(n) % 3
     loader = TensorLoader(
-        images, labels, batch_size=4, train=False, mean=(0.5,), std=(0.5,), rank=ctx.rank, world=ctx.world
+        images,
+        labels,
+        batch_size=4,
+        train=False,
+        mean=(0.5,),
+        std=(0.5,),
+        place=Placement(rank=ctx.rank, world=ctx.world),
     )
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     torch.manual_seed(0)

@@ -1,12 +1,22 @@
-"""A run's outputs: metrics (CSV, JSON lines, TensorBoard), the console summary, and the plots."""
+"""A run's directory: its header (config, command, code version), metrics (CSV, JSON lines,
+TensorBoard), the console lines, the curves and the summary."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from reslab import __version__
+from reslab.config import TrainConfig, save_config
 
 EPOCH_COLUMNS = (
     "epoch",
@@ -23,6 +33,57 @@ EPOCH_COLUMNS = (
 )
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend. Imported when a plot is drawn: matplotlib
+    adds about half a second to every start of the command line otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model}-{cfg.data.name}-{stamp}"
+
+
+def code_version() -> str:
+    """reslab's version and, in a git checkout, its commit (``+dirty`` with local changes)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+
+    try:
+        commit, dirty = (
+            git("rev-parse", "--short", "HEAD"),
+            git("status", "--porcelain", "--untracked-files=no"),
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"reslab {__version__}" + (f" (git {commit}{'+dirty' if dirty else ''})" if commit else "")
+
+
+def write_header(
+    run_dir: Path, cfg: TrainConfig, device: torch.device, world: int, policy: dict[str, Any] | None = None
+) -> None:
+    """``config.yaml`` (the resolved config), ``policy.yaml`` (how it trains beyond plain training,
+    e.g. fine-tuning) and a line in ``command.txt`` (command, code version, device)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if policy is not None:
+        save_config(policy, run_dir / "policy.yaml")
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(
+            f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
+            f"  cwd {os.getcwd()}; {code_version()}; torch {torch.__version__}; device {device}; world {world}\n"
+        )
+
+
 class RunLog:
     """Appends metric rows to ``metrics.jsonl`` (every row), ``metrics.csv`` (epoch rows) and TensorBoard."""
 
@@ -32,7 +93,7 @@ class RunLog:
         self.csv = run_dir / "metrics.csv"
         self.tb = None
         if tensorboard:
-            try:
+            try:  # tensorboard is optional for users
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -105,11 +166,7 @@ def plot_curves(run_dir: Path, title: str | None = None, split: str = "test") ->
     epochs = [r for r in rows if r["kind"] in ("epoch", "eval") and r.get("eval_err") is not None]
     if not iters and not epochs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     if iters:
         x = [r["iteration"] for r in iters]

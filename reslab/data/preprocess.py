@@ -1,0 +1,126 @@
+"""How an image becomes a model input: one typed :class:`Preprocess`, recorded with every checkpoint.
+
+Training derives it from the data (or from pretrained weights when fine-tuning); evaluation,
+prediction, embedding and export read it back from the checkpoint, so a model always sees its
+inputs the way it was trained on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from torchvision.transforms import InterpolationMode, v2
+
+from reslab.errors import ReslabError
+from reslab.models import get_model_entry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# CIFAR-10's training-set statistics: the default of 32x32 models whose data is not at hand.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Geometry, normalisation and class names of a model's inputs.
+
+    ``resize`` set: resize the shorter side to ``resize`` and center-crop ``size`` (ImageNet-style
+    evaluation); unset: resize the whole image to ``size`` (small images, clips). ``mean``/``std``
+    hold one value per channel (or one for all).
+    """
+
+    size: tuple[int, ...]  # (H, W), or (T, H, W) for clips
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("size", "mean", "std", "classes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, self.channels):
+            raise ReslabError(
+                f"preprocessing: mean {self.mean} and std {self.std} need one value per channel "
+                f"({self.channels}) or one for all"
+            )
+
+    @property
+    def is_clip(self) -> bool:
+        return len(self.size) == 3
+
+    @property
+    def crop(self) -> int:
+        return self.size[-1]
+
+    def replace(self, **changes: Any) -> Preprocess:
+        return replace(self, **changes)
+
+    def for_channels(self, channels: int) -> Preprocess:
+        """The same preprocessing for images of another channel count: per-channel statistics are
+        averaged (RGB -> grey) or repeated (grey -> RGB)."""
+        if channels == self.channels:
+            return self
+        if len(self.mean) == 1:
+            return self.replace(channels=channels)
+        mean, std = sum(self.mean) / len(self.mean), sum(self.std) / len(self.std)
+        return self.replace(channels=channels, mean=(mean,) * channels, std=(std,) * channels)
+
+    def unnormalised(self) -> Preprocess:
+        """The same geometry with inputs left in [0, 1] (for models that normalise themselves)."""
+        return self.replace(mean=(0.0,) * self.channels, std=(1.0,) * self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoints (read back with ``weights_only=True``) and JSON."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """Read a stored preprocessing, also the untyped dicts of earlier reslab versions."""
+        d = dict(d)
+        kind = d.pop("kind", None)
+        if kind is not None and kind != "imagenet":
+            d.pop("resize", None)
+        d.setdefault("channels", len(d["mean"]))
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        return cls(**known)
+
+
+def default_preprocess(arch: str, in_chans: int, classes: tuple[str, ...] = ()) -> Preprocess:
+    """ImageNet preprocessing for ImageNet-sized models, CIFAR-10's statistics for 32x32 ones."""
+    size = tuple(get_model_entry(arch).spec.input_size[-2:])
+    if size[0] >= 128:
+        pre = Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, 3, round(size[0] * 256 / 224), classes=classes)
+    else:
+        pre = Preprocess(size, CIFAR10_MEAN, CIFAR10_STD, 3, classes=classes)
+    return pre.for_channels(in_chans)
+
+
+def imagenet_transforms(train: bool, size: int, resize: int, interpolation: str = "bilinear"):
+    """ImageNet-style geometry on PIL images, giving uint8 tensors: random-resized crop + flip for
+    training, resize + center crop for evaluation (as torchvision's eval transforms). Normalisation
+    happens later, on whole batches."""
+    mode = InterpolationMode(interpolation)
+    if train:
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+            ]
+        )
+    return v2.Compose(
+        [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(size), v2.PILToTensor()]
+    )
+
+
+def eval_transform(pre: Preprocess):
+    """The evaluation geometry a model was trained with: a PIL image -> a uint8 tensor."""
+    if pre.resize is not None:
+        return imagenet_transforms(False, pre.crop, pre.resize, pre.interpolation)
+    mode = InterpolationMode(pre.interpolation)
+    return v2.Compose([v2.Resize(list(pre.size[-2:]), interpolation=mode, antialias=True), v2.PILToTensor()])

@@ -1,0 +1,465 @@
+"""``fit``: wire data, model, step and run directory into a training run, epoch after epoch.
+
+Everything a run needs lives on one :class:`Run`, which ``fit`` opens, trains and finishes.
+Anything beyond plain training (fine-tuning's pretrained weights, frozen and unfrozen stages)
+comes in through a :class:`TrainPolicy`: the engine knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.config import TrainConfig, load_config, to_dict
+from reslab.data import Data, Placement, build_data
+from reslab.engine import distributed as dist
+from reslab.engine.checkpoint import BEST, LAST, Budget, TrainState, resume_file, save_checkpoint
+from reslab.engine.device import resolve_device, rng_state, set_rng_state
+from reslab.engine.evaluate import eval_report, evaluate
+from reslab.engine.rundir import RunLog, default_run_dir, epoch_line, plot_curves, write_header
+from reslab.engine.train import EMA, Stop, TrainStep, build_optimizer, train_one_epoch
+from reslab.errors import NonFiniteLoss, ReslabError, TrainingInterrupted
+from reslab.models import create_model
+from reslab.weights import read_file
+
+SMALL_BATCH = 16
+
+
+class TrainPolicy:
+    """Plain training: a fresh model, one parameter group, every part trained. Subclasses change
+    any of these steps; :meth:`to_dict` is saved in checkpoints so a resumed run can rebuild them."""
+
+    def build_model(self, cfg: TrainConfig, data: Data, model_args: dict[str, Any], fresh: bool) -> nn.Module:
+        """The network to train (``fresh``: a new run; otherwise a resumed run loads its weights)."""
+        return create_model(cfg.model, in_chans=data.in_chans, **model_args)
+
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups (None: all trainable parameters at ``optim.lr``)."""
+        return None
+
+    def start_epoch(self, epoch: int, model: nn.Module) -> str | None:
+        """Called before each epoch (0-based); returns a line for the console, if any."""
+        return None
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def to_dict(self) -> dict[str, Any] | None:
+        return None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval_err: float
+    eval_loss: float
+    eval_split: str
+    iterations: int
+    train_err: float
+    seconds: float
+    best_err: float
+    summary: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """A training run in progress: its config, data, model, step, progress and outputs."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    ctx: dist.DistContext
+    device: torch.device
+    data: Data
+    model: nn.Module  # the user's model (the step may hold it wrapped in DDP or compiled)
+    step: TrainStep
+    state: TrainState
+    budget: Budget
+    policy: TrainPolicy
+    meta: dict[str, Any]  # what a checkpoint says about the model and the data
+    log: RunLog | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train)
+
+    @property
+    def total_epochs(self) -> int:
+        b = self.budget
+        return math.ceil(
+            b.total_iters
+            * b.global_batch
+            / (self.steps_per_epoch * self.ctx.world * self.cfg.data.batch_size)
+        )
+
+    def save(self, name: str) -> None:
+        if not self.ctx.is_main:
+            return
+        step = self.step
+        content = {
+            "model": self.model.state_dict(),
+            **self.meta,
+            "optimizer": step.optimizer.state_dict(),
+            "scaler": step.scaler.state_dict() if step.scaler is not None else None,
+            "ema": step.ema.module.state_dict() if step.ema is not None else None,
+            "state": asdict(self.state),
+            "budget": asdict(self.budget),
+            "rng": rng_state(self.device),
+            "config": to_dict(self.cfg),
+        }
+        save_checkpoint(content, self.model, self.run_dir / name, self.state.iteration)
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
+        return evaluate(model or self.model, self.data.eval, self.device, self.cfg.amp)
+
+    def kept(self) -> str:
+        """What a failed run leaves behind, for its error message."""
+        last = self.run_dir / LAST
+        return (
+            f"the last good checkpoint is kept: {last}" if last.exists() else "no checkpoint was written yet"
+        )
+
+
+def fit(
+    cfg: TrainConfig, *, resume: str | os.PathLike | None = None, policy: TrainPolicy | None = None
+) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says; resume from a run directory (or its
+    ``last.pt``) if given. ``policy`` changes how the model is built and trained (fine-tuning)."""
+    run = open_run(cfg, resume, policy or TrainPolicy())
+    t0 = time.perf_counter()
+    last_row: dict[str, Any] = {}
+    last_eval: dict[str, Any] | None = None
+    try:
+        with Stop() as stop:
+            while not run.budget.done(run.state):
+                row, ev = _run_epoch(run, stop)
+                if row is not None:
+                    last_row, last_eval = row, ev or last_eval
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e}; {run.kept()}") from None
+    finally:
+        if run.log is not None:
+            run.log.close()
+    if last_eval is None or last_row.get("iteration") != run.state.iteration:  # e.g. a finished run resumed
+        last_eval = run.evaluate()
+        last_row = {
+            **last_row,
+            "eval_err": last_eval["err"],
+            "eval_loss": last_eval["loss"],
+            "eval_top5_err": last_eval["top5_err"],
+            "train_err": last_row.get("train_err", math.nan),
+        }
+    return _finish(run, last_row, last_eval, time.perf_counter() - t0)
+
+
+def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPolicy) -> Run:
+    """Everything a run needs, from a config or from the checkpoint of the run it resumes."""
+    ctx = dist.setup(cfg.device)
+    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
+    ckpt = None
+    if resume is None:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        if (run_dir / LAST).exists():
+            raise ReslabError(
+                f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
+            )
+    else:
+        path = resume_file(resume)
+        run_dir, ckpt = path.parent, read_file(path)
+        cfg = load_config(base=ckpt["config"], overrides={"device": cfg.device, "progress": cfg.progress})
+        if ckpt.get("policy") != policy.to_dict():
+            raise ReslabError(f"{path}: was trained with policy {ckpt.get('policy')}, not {policy.to_dict()}")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    model_args = dict(cfg.model_args)
+    place = Placement(device, cfg.channels_last, cfg.seed, ctx.rank, ctx.world)
+    data = build_data(
+        cfg.data,
+        place=place,
+        channels=model_args.pop("in_chans", None),
+        progress=cfg.progress and ctx.is_main,
+    )
+    num_classes = model_args.setdefault("num_classes", len(data.classes))
+    if num_classes != len(data.classes):
+        raise ReslabError(
+            f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
+            f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
+        )
+    if ctx.is_main:
+        _report_data(data)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = policy.build_model(cfg, data, model_args, ckpt is None)
+    _check_fits(model, data, cfg)
+    model = model.to(device)
+    if cfg.sync_bn and ctx.world > 1:
+        if device.type != "cuda":
+            raise ReslabError(
+                "--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs only under CUDA); on CPUs use "
+                "a per-process batch of 16 or more"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last if data.ndim == 2 else torch.channels_last_3d)
+    torch.manual_seed(cfg.seed + ctx.rank)  # per-rank randomness (dropout, drop-path)
+
+    global_batch = cfg.data.batch_size * ctx.world
+    lr_scale = global_batch / 256 if cfg.optim.lr_scaling == "linear" else 1.0
+    optimizer = build_optimizer(model, cfg, lr_scale, policy.param_groups(model, cfg))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    if len(data.train) == 0:
+        raise ReslabError(
+            f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
+            "lower data.batch_size"
+        )
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    budget = Budget(cfg.iters if cfg.iters is not None else math.ceil(epochs * len(data.train)), global_batch)
+    state = TrainState()
+    if ckpt is not None:
+        state, budget = _restore(ckpt, model, optimizer, scaler, ema, ctx.world, global_batch, device)
+    _start_epoch(policy, state, model, ctx)  # before DDP wraps the model: it registers trainable parameters
+    train_model = dist.wrap(model, ctx)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    meta = {
+        "arch": cfg.model,
+        "model_args": {k: v for k, v in model_args.items() if k != "num_classes"},
+        "num_classes": num_classes,
+        "in_chans": data.in_chans,
+        "classes": data.classes,
+        "preprocess": data.preprocess.to_dict(),
+        "world": ctx.world,
+        "policy": policy.to_dict(),
+    }
+    run = Run(
+        cfg,
+        run_dir,
+        ctx,
+        device,
+        data,
+        model,
+        TrainStep(train_model, optimizer, cfg, device, scaler, ema),
+        state,
+        budget,
+        policy,
+        meta,
+    )
+    if ctx.is_main:
+        write_header(run_dir, cfg, device, ctx.world, policy.to_dict())
+        run.log = RunLog(run_dir)
+        if ckpt is not None:
+            run.log.truncate_after(state.iteration)
+        _warn_small_batch(model, cfg.data.batch_size)
+        print(
+            f"reslab: training {cfg.model} on {data.name} ({data.train.num_samples * ctx.world} train / "
+            f"{data.eval.num_samples * ctx.world} {data.eval_split} images, {len(data.classes)} classes) for "
+            f"{budget.total_iters} iterations ({run.total_epochs} epochs) on {device}"
+            + (f" x {ctx.world} processes" if ctx.world > 1 else "")
+            + f"; run directory {run_dir}"
+        )
+    return run
+
+
+def _check_fits(model: nn.Module, data: Data, cfg: TrainConfig) -> None:
+    """Refuse a model that cannot read the data before the first step, naming both."""
+    ndim = getattr(getattr(model, "spec", None), "ndim", data.ndim)
+    if ndim != data.ndim:
+        kind = {2: "images", 3: "video clips"}
+        raise ReslabError(
+            f"{cfg.model} reads {kind[ndim]} but data {data.name} holds {kind[data.ndim]}; "
+            + ("use --data clips or synthetic_clips" if ndim == 3 else "use a 2D model (reslab models)")
+        )
+
+
+def _restore(
+    ckpt: dict[str, Any], model, optimizer, scaler, ema, world: int, global_batch: int, device
+) -> tuple[TrainState, Budget]:
+    """Load a checkpoint's model, optimizer, scaler, EMA, RNG and progress into this run."""
+    model.load_state_dict(ckpt["model"])
+    fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("world", 1) != world:  # the learning rate follows this run's global batch
+        for g, (lr, initial) in zip(optimizer.param_groups, fresh_lrs, strict=True):
+            g["lr"], g["initial_lr"] = lr, initial
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.module.load_state_dict(ckpt["ema"])
+    state = TrainState.from_dict(ckpt["state"])
+    state.step = state.epoch_samples // global_batch  # this run's batches, when the world size changed
+    set_rng_state(ckpt["rng"], device)
+    return state, Budget(**ckpt["budget"])
+
+
+def _run_epoch(run: Run, stop: Stop) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Train (the rest of) one epoch; close it when it ends. Returns its row and evaluation."""
+    state = run.state
+    _start_epoch(run.policy, state, run.model, run.ctx)
+    run.data.train.set_epoch(state.epoch, state.epoch_samples)
+    ran_out = train_one_epoch(
+        run.step,
+        run.data.train,
+        state,
+        run.cfg,
+        budget=run.budget,
+        log=run.log,
+        stop=stop,
+        on_step=partial(_periodic_eval, run),
+        train_mode=run.policy.train_mode,
+    )
+    stop.requested = dist.any_flag(stop.requested)
+    finished = ran_out or run.budget.done(state)
+    row = ev = None
+    if finished:
+        row, ev = _end_epoch(run)
+    if stop.requested:
+        run.save(LAST)
+        raise TrainingInterrupted(
+            f"interrupted at epoch {state.epoch + (0 if finished else 1)}, iteration "
+            f"{state.iteration}/{run.budget.total_iters}: saved {run.run_dir / LAST}; resume with: "
+            f"reslab train --resume {run.run_dir}"
+        )
+    return row, ev
+
+
+def _start_epoch(policy: TrainPolicy, state: TrainState, model: nn.Module, ctx: dist.DistContext) -> None:
+    message = policy.start_epoch(state.epoch, model)
+    if message and ctx.is_main:
+        print(f"reslab: epoch {state.epoch + 1}: {message}", flush=True)
+
+
+def _periodic_eval(run: Run, state: TrainState) -> None:
+    every = run.cfg.eval_every_iters
+    if (
+        every
+        and state.iteration % every == 0
+        and state.step < run.steps_per_epoch
+        and not run.budget.done(state)
+    ):
+        ev = run.evaluate()
+        if run.log is not None:
+            run.log.log(
+                {
+                    "kind": "eval",
+                    "iteration": state.iteration,
+                    "epoch": state.epoch + 1,
+                    "eval_loss": ev["loss"],
+                    "eval_err": ev["err"],
+                    "eval_top5_err": ev["top5_err"],
+                }
+            )
+
+
+def _end_epoch(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Close an epoch: its summary row, an evaluation when due, best.pt and last.pt."""
+    state, sums = run.state, run.state.sums
+    row = {
+        "kind": "epoch",
+        "epoch": state.epoch + 1,
+        "iteration": state.iteration,
+        "train_loss": sums["loss"] / max(1, sums["n"]),
+        "train_err": sums["err"] / max(1, sums["n"]),
+        "lr": run.step.optimizer.param_groups[0]["lr"],
+        "epoch_time_s": sums["time"],
+        "img_s": sums["n"] / max(sums["time"], 1e-9),
+        "eval_loss": None,
+        "eval_err": None,
+        "eval_top5_err": None,
+        "ema_eval_err": None,
+    }
+    state.end_epoch()
+    ev = None
+    if state.epoch % run.cfg.eval_every == 0 or run.budget.done(state):
+        ev = run.evaluate()
+        row.update(eval_loss=ev["loss"], eval_err=ev["err"], eval_top5_err=ev["top5_err"])
+        if run.step.ema is not None:
+            row["ema_eval_err"] = run.evaluate(run.step.ema.module)["err"]
+        if ev["err"] < state.best_err:
+            state.best_err, state.best_iteration = ev["err"], state.iteration
+            run.save(BEST)
+    if run.log is not None:
+        run.log.log(row)
+        print(epoch_line(row, run.total_epochs, run.data.eval_split), flush=True)
+    run.save(LAST)
+    return row, ev
+
+
+def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], seconds: float) -> RunResult:
+    """The final evaluation report, summary.json and the curves."""
+    cfg, data, state, main = run.cfg, run.data, run.state, run.ctx.is_main
+    report = eval_report(
+        last_eval,
+        data.classes,
+        run.run_dir if main else None,
+        f"{cfg.model} on {data.name} {data.eval_split}: {100 * last_eval['err']:.2f}% error",
+    )
+    summary = {
+        "model": cfg.model,
+        "data": data.name,
+        "eval_split": data.eval_split,
+        "iterations": state.iteration,
+        "epochs": state.epoch,
+        "eval_err": last_row["eval_err"],
+        "eval_loss": last_row["eval_loss"],
+        "eval_top5_err": last_row.get("eval_top5_err"),
+        "train_err": last_row["train_err"],
+        "best_eval_err": state.best_err,
+        "best_iteration": state.best_iteration,
+        "train_seconds": state.train_seconds or seconds,
+        "device": str(run.device),
+        "world": run.ctx.world,
+        "per_class_acc": report["per_class_acc"],
+        "confusion_png": report.get("confusion_png"),
+    }
+    if main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_curves(run.run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
+    return RunResult(
+        run.run_dir,
+        last_row["eval_err"],
+        last_row["eval_loss"],
+        data.eval_split,
+        state.iteration,
+        last_row["train_err"],
+        seconds,
+        state.best_err,
+        summary,
+    )
+
+
+def _report_data(data: Data) -> None:
+    if data.skipped:
+        print(
+            f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
+            file=sys.stderr,
+        )
+    if data.class_counts and min(data.class_counts) * 1.5 < max(data.class_counts):
+        counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts, strict=True))
+        print(
+            f"reslab: class imbalance in the training data ({counts}); the error averages over images, "
+            "so see the per-class accuracy in eval.json",
+            file=sys.stderr,
+        )
+
+
+def _warn_small_batch(model: nn.Module, batch: int) -> None:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and batch < SMALL_BATCH:
+        warnings.warn(
+            f"per-device batch {batch} < {SMALL_BATCH}: BatchNorm's batch statistics get noisy and its running "
+            "averages drift from what the model sees in training, which hurts accuracy. Options: a larger batch "
+            "(gradient accumulation does not help BN), --sync-bn across processes, frozen BN statistics when "
+            "fine-tuning, or GroupNorm (model_args.norm_layer).",
+            stacklevel=2,
+        )
