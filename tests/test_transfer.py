@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.error
 from pathlib import Path
 
@@ -107,7 +108,62 @@ def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) ->
     assert policy["finetune"]["unfreeze_at"] == ["1:1"] and config["data"]["val_split"] == 0.0  # test/ exists
 
 
-def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path) -> None:
+def test_finetune_run_resumes_exactly_with_its_policy(source, tmp_path, monkeypatch) -> None:
+    """A fine-tuning run cut by Ctrl-C before its unfreezing epoch, resumed with `train --resume`:
+    the policy (frozen parts, BN modes, the unfreeze schedule) comes back from the checkpoint."""
+    from reslab.engine.train import SIGINT_AT
+
+    root = write_folder(tmp_path / "imgs", size=(28, 28), per_class=12)
+    args = [
+        "finetune",
+        "--from",
+        str(source),
+        "--data-dir",
+        str(root),
+        "--epochs",
+        "3",
+        "--unfreeze-at",
+        "2:2",
+    ]
+    args += ["--batch-size", "12", "--no-progress", "--out"]
+    assert main([*args, str(tmp_path / "straight")]) == 0
+    monkeypatch.setenv(SIGINT_AT, "4")  # epoch 2 of 3 (3 steps per epoch), before layer2 unfreezes
+    assert main([*args, str(tmp_path / "cut")]) == 130
+    monkeypatch.delenv(SIGINT_AT)
+    assert read_file(tmp_path / "cut" / "last.pt")["policy"]["finetune"]["unfreeze_at"] == ["2:2"]
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    a, b = read_file(tmp_path / "straight" / "last.pt"), read_file(tmp_path / "cut" / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    src = read_file(source)["model"]
+    assert torch.equal(src["layer1.0.conv1.weight"], b["model"]["layer1.0.conv1.weight"])  # still frozen
+    assert not torch.equal(src["layer2.0.conv1.weight"], b["model"]["layer2.0.conv1.weight"])  # unfrozen
+
+
+def test_frozen_batchnorm_in_3d_models_is_exact_and_stays_frozen() -> None:
+    """FrozenBatchNorm and the fine-tuning BN modes work for video models as for images."""
+    from reslab.models.layers import FrozenBatchNorm, freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("r3d_18", num_classes=4)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        frozen = freeze_batchnorm(create_model("r3d_18", num_classes=4))
+        frozen.load_state_dict(model.state_dict())  # BatchNorm's step counters are dropped on the way
+        assert any(isinstance(m, FrozenBatchNorm) for m in frozen.modules())
+        torch.testing.assert_close(frozen.train()(x), ref, rtol=1e-5, atol=1e-5)  # train mode: same map
+    freezer = Freezer(model, FinetuneConfig(freeze="base"))
+    freezer.apply(0)
+    freezer.train_mode(model)
+    assert not model.layer1[0].conv1[1].training and model.fc.training  # frozen BN3d in eval, head trains
+
+
+def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path, capsys) -> None:
     root = write_folder(tmp_path / "imgs", size=(28, 28), per_class=12, splits=("train",))
     out = tmp_path / "ft"
     assert (
@@ -135,7 +191,15 @@ def test_frozen_base_head_only_and_frozen_batchnorm(source, tmp_path) -> None:
     src = read_file(source)["model"]
     assert torch.equal(src["layer3.2.conv2.weight"], ft["model"]["layer3.2.conv2.weight"])
     assert ft["config"]["data"]["val_split"] == 0.2  # no val/ or test/ folder: 20% held out
+    capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "last.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["split"] == "val"
+        and report["n"] == 6
+        and list(report["per_class_acc"]) == ["cat", "dog", "fish"]
+    )
+    assert report["top5_err"] is None  # three classes: top-5 would always be right
 
 
 def test_torchvision_weights_from_a_temporary_cache(tmp_path, monkeypatch, capsys) -> None:
