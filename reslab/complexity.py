@@ -20,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from reslab.config import cache_dir
 from reslab.models import create_model, get_model_entry
 from reslab.models.registry import families as registered_families
-from reslab.models.resnet import TRANSFORMS
 
 
 def count_params(model: nn.Module) -> int:
@@ -135,20 +134,16 @@ def stage_table(name: str, **overrides: Any) -> list[dict[str, Any]]:
             "params": count_params(stem),
         }
     ]
-    in_chs = spec.stem_width
-    for info, feat, planes, depth in zip(
-        model.feature_info[1:], feats[1:], spec.widths, spec.depths, strict=True
-    ):
-        convs = TRANSFORMS[spec.block](in_chs, planes, 1, spec.groups, spec.base_width, (1, 1))
+    for info, feat, depth in zip(model.feature_info[1:], feats[1:], spec.depths, strict=True):
+        stage = getattr(model, info["module"])
         rows.append(
             {
                 "stage": info["module"],
                 "blocks": depth,
-                "widths": "-".join(str(c.out_chs) for c in convs),
+                "widths": "-".join(map(str, stage[0].widths)),
                 "stride": info["reduction"],
                 "output": tuple(feat.shape[1:]),
-                "params": count_params(getattr(model, info["module"])),
+                "params": count_params(stage),
             }
         )
-        in_chs = info["num_chs"]
     return rows

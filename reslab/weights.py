@@ -26,6 +26,9 @@ _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # Classifier names used by other code bases for what torchvision (and reslab) call ``fc``.
 _HEAD_ALIASES = ("linear.", "classifier.", "head.fc.", "head.")
+# Other names of reslab's (torchvision's) modules inside blocks: the common CIFAR training scripts
+# ("kuangliu" pytorch-cifar) call the projection shortcut ``shortcut``.
+_BLOCK_ALIASES = ((".shortcut.", ".downsample."),)
 _SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".tar", ".safetensors")
 
 
@@ -122,6 +125,13 @@ def _is_state_dict(d: Mapping[str, Any]) -> bool:
     return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
+def _rename_blocks(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    for alias, name in _BLOCK_ALIASES:
+        if any(alias in k for k in sd) and not any(alias in k for k in model_keys):
+            sd = {k.replace(alias, name): v for k, v in sd.items()}
+    return sd
+
+
 def _rename_head(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
     if any(k.startswith("fc.") for k in sd) or not any(k.startswith("fc.") for k in model_keys):
         return sd
@@ -142,7 +152,7 @@ def load_weights(
 
     Understands reslab checkpoints, torchvision and timm state dicts, and checkpoints from common
     training scripts (a dict holding ``state_dict`` or ``model``, DataParallel's ``module.`` prefix,
-    a head called ``linear``). When only the classifier differs, says so; ``ignore_head=True`` (or
+    a head called ``linear``, shortcuts called ``shortcut``). When only the classifier differs, says so; ``ignore_head=True`` (or
     ``strict=False``) then loads everything else. ``strict=False`` also skips missing, unexpected
     and mismatched keys, and the returned report lists them.
     """
@@ -150,7 +160,7 @@ def load_weights(
     obj = read_file(source) if isinstance(source, (str, os.PathLike)) else source
     sd = extract_state_dict(obj, source=name)
     own = model.state_dict()
-    sd = _rename_head(sd, set(own))
+    sd = _rename_head(_rename_blocks(sd, set(own)), set(own))
     head = {"fc.weight", "fc.bias"}
     if not head & set(own):  # a headless model (num_classes=0, features_only) takes no classifier
         sd = {k: v for k, v in sd.items() if k not in head}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reslab.models import get_model_entry
+from reslab.models import ResNet, get_model_entry
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
     torch.set_num_threads(1)
@@ -38,3 +38,21 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path}")
     return path
+
+
+def compact_model(name: str, **options) -> ResNet:
+    """The registered architecture with at most two blocks per stage: every code path of the full
+    network (each stage's reshaping first block and an identity block) at a fraction of the cost,
+    for the registry-driven tests. The full-size networks are built by the parity tests (against
+    torchvision and timm) and counted on the meta device by the complexity tests."""
+    spec = get_model_entry(name).spec
+    keep = [min(d, 2) for d in spec.depths]
+    widths = None
+    if spec.block_widths:
+        starts = [sum(spec.depths[:s]) for s in range(len(spec.depths))]
+        widths = tuple(
+            spec.block_widths[start + i] for start, k in zip(starts, keep, strict=True) for i in range(k)
+        )
+    model = ResNet(spec.replace(depths=tuple(keep), block_widths=widths), **options)
+    model.name = name
+    return model

@@ -46,6 +46,13 @@ CONTRACT = [
     "r2plus1d_18",
     "r3d_34",
     "r3d_50",
+    # the CIFAR-style ImageNet-depth ResNets (issue: "the CIFAR-style ResNet-18/34/50 people actually use")
+    "resnet18_cifar",
+    "resnet34_cifar",
+    "resnet50_cifar",
+    "resnet101_cifar",
+    "resnet152_cifar",
+    "preact_resnet18_cifar",
 ]
 
 
@@ -279,3 +286,81 @@ def test_ensemble_and_tta(tmp_path, capsys) -> None:
     assert len(views) == 10 and all(v.shape == x.shape for v in views)
     assert torch.equal(views[4], x)  # the centre crop of the padded image is the image
     assert len(TTA(nn.Identity(), "flip").views(x)) == 2
+
+
+def test_attention_and_anti_aliasing_plug_into_any_spec() -> None:
+    """ECA, SE and anti-aliased downsampling are layer types: any network takes them, by name or as
+    a callable, as norm_layer and act_layer."""
+    from reslab.models.layers import AvgPoolAA, BlurPool, EfficientChannelAttention, SqueezeExcite
+
+    eca56 = create_model("resnet56", attn_layer="eca").eval()
+    assert all(isinstance(b.se, EfficientChannelAttention) for b in eca56.blocks())
+    assert eca56(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    se3d = create_model("r3d_18", attn_layer="se", num_classes=4).eval()
+    assert all(isinstance(b.se, SqueezeExcite) for b in se3d.blocks())
+    assert se3d(torch.randn(1, 3, 4, 32, 32)).shape == (1, 4)
+    blur = create_model("resnet20", aa_layer="blur")
+    strided = [b for b in blur.blocks() if b.stride > 1]
+    assert len(strided) == 2 and all(isinstance(b.aa, BlurPool) and b.conv1.stride == (1, 1) for b in strided)
+    assert blur(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    custom = create_model("resnet20", attn_layer=lambda c, ndim: torch.nn.Identity())
+    assert all(isinstance(b.se, torch.nn.Identity) for b in custom.blocks())
+    aa50 = create_model("resnetaa50d")
+    assert isinstance(aa50.maxpool, AvgPoolAA) and isinstance(aa50.layer2[0].aa, AvgPoolAA)
+    with pytest.raises(ReslabError, match="attn_layer='cbam': choose one of se, eca"):
+        create_model("resnet20", attn_layer="cbam")
+    with pytest.raises(ReslabError, match="anti-aliased downsampling is 2D only"):
+        create_model("r3d_18", aa_layer="blur")
+
+
+def test_eca_kernel_grows_with_channels_and_blur_keeps_constants() -> None:
+    from reslab.models.layers import BlurPool, EfficientChannelAttention
+
+    # ECA's adaptive rule (gamma 2, b 1): k = int((log2 C + 1) / 2), made odd, at least 3
+    sizes = {c: EfficientChannelAttention(c).conv.kernel_size[0] for c in (16, 64, 256, 512, 2048)}
+    assert sizes == {16: 3, 64: 3, 256: 5, 512: 5, 2048: 7}
+    blur = BlurPool(4, stride=2)
+    x = torch.full((1, 4, 8, 8), 3.0)
+    torch.testing.assert_close(blur(x), torch.full((1, 4, 4, 4), 3.0))  # a normalised low-pass filter
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[0, 0, 2, 2] = 16
+    assert BlurPool(1, stride=1)(impulse)[0, 0, 1:4, 1:4].tolist() == [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+
+
+def test_pruned_widths_are_data_checked_against_the_wiring() -> None:
+    from reslab.models.spec import ResNetSpec
+
+    model = create_model("ecaresnet50d_pruned")
+    assert model.layer1[0].widths == (47, 18, 19) and model.num_features == 2022
+    assert model.layer4[0].se.conv.kernel_size == (7,)  # the unpruned network's ECA kernel
+    bad = ((8, 8, 32), (8, 8, 16))  # two blocks of one stage must end in the same width
+    with pytest.raises(ReslabError, match="stage 1 end in different widths"):
+        ResNetSpec(block="bottleneck", depths=(2,), widths=(8,), block_widths=bad)
+    with pytest.raises(ReslabError, match="one tuple of 3 widths per block"):
+        ResNetSpec(block="bottleneck", depths=(2,), widths=(8,), block_widths=((8, 8, 32),))
+
+
+def test_cifar_style_resnet18_trains_with_the_fast_recipe(tmp_path, capsys) -> None:
+    from reslab.cli import main
+
+    root = write_folder(tmp_path / "imgs", size=(32, 32), per_class=16)
+    args = ["train", "--model", "resnet18_cifar", "--config", "cifar10_fast", "--data-dir", str(root)]
+    args += [
+        "--iters",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+        "channels_last=false",
+    ]
+    assert main(args) == 0
+    config = __import__("yaml").safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (
+        config["model"] == "resnet18_cifar"
+        and config["data"]["name"] == "folder"
+        and config["optim"]["nesterov"]
+    )
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert ckpt["model"]["conv1.weight"].shape == (64, 3, 3, 3) and "maxpool" not in str(ckpt["model"].keys())

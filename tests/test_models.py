@@ -1,12 +1,16 @@
-"""Every registered model, driven by the registry: forward, backward, features, classifier reset."""
+"""Every registered model, driven by the registry: forward, backward, features, classifier reset.
+
+Each architecture is built with at most two blocks per stage (``compact_model``): the same code
+paths as the full network at a fraction of its cost.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reslab import create_model, list_models
-from tests.conftest import small_input
+from reslab import list_models
+from tests.conftest import compact_model, small_input
 
 ALL = list_models()
 
@@ -14,7 +18,7 @@ ALL = list_models()
 @pytest.mark.parametrize("name", ALL)
 def test_forward_backward(name: str) -> None:
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7)
+    model = compact_model(name, num_classes=7)
     x = small_input(name)
     out = model(x)
     assert out.shape == (2, 7)
@@ -29,7 +33,7 @@ def test_forward_backward(name: str) -> None:
 # an untrained ResNet-1202's activations overflow after 600 additions.
 @pytest.mark.parametrize("name", ALL)
 def test_features_only(name: str) -> None:
-    model = create_model(name, features_only=True, zero_init_residual=True).eval()
+    model = compact_model(name, features_only=True, zero_init_residual=True).eval()
     x = small_input(name, batch=1)
     with torch.no_grad():
         feats = model(x)
@@ -38,7 +42,7 @@ def test_features_only(name: str) -> None:
         assert f.shape[1] == info["num_chs"]
         assert f.shape[-1] == -(-x.shape[-1] // info["reduction"]), info
     # out_indices picks levels, counting from the end with negatives
-    picked = create_model(name, features_only=True, out_indices=(1, -1), zero_init_residual=True).eval()
+    picked = compact_model(name, features_only=True, out_indices=(1, -1), zero_init_residual=True).eval()
     with torch.no_grad():
         two = picked(x)
     assert [t.shape for t in two] == [feats[1].shape, feats[-1].shape]
@@ -46,7 +50,7 @@ def test_features_only(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_head_interface(name: str) -> None:
-    model = create_model(name, zero_init_residual=True).eval()
+    model = compact_model(name, zero_init_residual=True).eval()
     x = small_input(name, batch=1)
     with torch.no_grad():
         feats = model.forward_features(x)

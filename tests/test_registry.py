@@ -15,7 +15,16 @@ from reslab.models.layers import DropPath, PadShortcut
 
 
 def test_list_models_pattern() -> None:
-    assert list_models("resnet*")[:4] == ["resnet18", "resnet20", "resnet26d", "resnet32"]  # natural order
+    # natural order: numbers compare as numbers (resnet10t before resnet18, resnet20 before resnet101)
+    assert list_models("resnet*")[:6] == [
+        "resnet10t",
+        "resnet14t",
+        "resnet18",
+        "resnet18_cifar",
+        "resnet18d",
+        "resnet20",
+    ]
+    assert list_models("resnet1*")[-3:] == ["resnet152d", "resnet152s", "resnet1202"]
     assert set(list_models("plain*")) == {f"plain{d}" for d in (18, 20, 32, 34, 44, 56, 110)}
     assert list_models("nothing*") == []
 

@@ -1,32 +1,43 @@
-"""Layer plug-ins: conv makers, norms, shortcuts and attention, each for 2D images or 3D clips.
+"""Layer plug-ins: conv makers, norms, shortcuts, attention and anti-aliasing, for 2D images and
+3D clips.
 
 Blocks never construct a layer type directly; they call these makers, so a new behaviour (a
-(2+1)D conv, another shortcut, another attention) is a new maker, not a new network.
+(2+1)D conv, another shortcut, another attention) is a new maker, not a new network. The layer
+types a spec names (``norm``, ``attn``, ``aa``) are looked up in the registries at the end of this
+file, and ``create_model(..., norm_layer=, attn_layer=, aa_layer=)`` plugs in others by name or
+as callables.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NormLayer = Callable[[int], nn.Module]
+from reslab.errors import ReslabError
+
+NormLayer = Callable[[int], nn.Module]  # channels -> norm
 ActLayer = Callable[[], nn.Module]
+AttnLayer = Callable[..., nn.Module]  # (channels, ndim=...) -> attention on a branch's output
+AALayer = Callable[[int, int], nn.Module]  # (channels, stride) -> anti-aliased downsampling
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _AVGPOOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
-def default_norm(ndim: int) -> NormLayer:
-    return _BN[ndim]
-
-
 def default_act() -> nn.Module:
     return nn.ReLU(inplace=True)
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018), for any number of spatial dimensions."""
+    return nn.GroupNorm(groups, channels)
 
 
 @dataclass(frozen=True)
@@ -117,13 +128,15 @@ def make_shortcut(
     conv: ConvMaker,
     *,
     preact: bool = False,
+    kernel: int = 1,
 ) -> nn.Module | None:
     """The shortcut module for one block, or None for identity (and for plain nets).
 
     A/B/C are the paper's options (Sec. 3.3): A pads, B projects only where the shape changes,
     C projects everywhere. D is B with the stride moved to an average pool before the 1x1 conv
     ("Bag of Tricks", ResNet-D), so no activations are skipped. Pre-activation projections have
-    no norm: the block's input is already normalised (He et al. 2016).
+    no norm: the block's input is already normalised (He et al. 2016). ``kernel`` > 1 makes
+    strided B/C projections k x k convs (SENet-154's 3x3 downsampling).
     """
     changes = stride != 1 or in_chs != out_chs
     if kind == "none" or (kind != "C" and not changes):
@@ -140,14 +153,16 @@ def make_shortcut(
             else nn.Identity()
         )
         s = 1
-    layers.append(_CONV[conv.ndim](in_chs, out_chs, 1, s, bias=False))
+    k = kernel if stride > 1 else 1
+    layers.append(_CONV[conv.ndim](in_chs, out_chs, k, s, ((stride - 1) + (k - 1)) // 2, bias=False))
     if not preact:
         layers.append(conv.norm_layer(out_chs))
     return nn.Sequential(*layers)
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features."""
+    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features, through
+    a bottleneck of ``channels * rd_ratio`` (rounded to a multiple of ``divisor``)."""
 
     def __init__(self, channels: int, ndim: int = 2, rd_ratio: float = 1 / 16, divisor: int = 8) -> None:
         super().__init__()
@@ -234,4 +249,78 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
 
 
-ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {"se": SqueezeExcite}
+class EfficientChannelAttention(nn.Module):
+    """ECA (Wang et al. 2020): channel gates from a 1D conv across the pooled channels, no bottleneck.
+
+    The kernel size grows with the channels: ``t = int(|log2(C) + beta| / gamma)``, made odd, at
+    least 3 (the paper's adaptive rule), unless ``kernel_size`` fixes it.
+    """
+
+    def __init__(
+        self, channels: int, ndim: int = 2, kernel_size: int | None = None, gamma: float = 2, beta: float = 1
+    ) -> None:
+        super().__init__()
+        if kernel_size is None:
+            t = int(abs(math.log(channels, 2) + beta) / gamma)
+            kernel_size = max(t if t % 2 else t + 1, 3)
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        self.dims = tuple(range(2, 2 + ndim))
+        self.ones = (1,) * ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean(self.dims).unsqueeze(1)).sigmoid()  # (N, 1, C): a 1D signal over channels
+        return x * y.view(x.shape[0], -1, *self.ones)
+
+
+class AvgPoolAA(nn.AvgPool2d):
+    """Anti-aliasing by averaging: a strided conv runs at stride 1 and a ``stride`` x ``stride`` average
+    pool downsamples its output (timm's ResNet-AA). A pool itself, it also replaces the stem's max-pool."""
+
+    replaces_pool = True
+
+    def __init__(self, channels: int, stride: int = 2) -> None:
+        super().__init__(stride)
+
+
+class BlurPool(nn.Module):
+    """Anti-aliasing by blurring before subsampling (Zhang 2019, "Making Convolutional Networks
+    Shift-Invariant Again"): a fixed binomial filter, reflect-padded, applied per channel with the
+    stride. In the stem it follows a stride-1 max-pool."""
+
+    replaces_pool = False
+
+    def __init__(self, channels: int, stride: int = 2, size: int = 3) -> None:
+        super().__init__()
+        self.channels, self.stride = channels, stride
+        self.pad = [((stride - 1) + (size - 1)) // 2] * 4
+        taps = torch.tensor([math.comb(size - 1, k) for k in range(size)], dtype=torch.float32) / 2 ** (
+            size - 1
+        )
+        blur = (taps[:, None] * taps[None, :]).expand(channels, 1, size, size).contiguous()
+        self.register_buffer("filt", blur, persistent=False)  # fixed: not part of the weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            F.pad(x, self.pad, mode="reflect"),
+            self.filt.to(x.dtype),
+            stride=self.stride,
+            groups=self.channels,
+        )
+
+
+ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {"se": SqueezeExcite, "eca": EfficientChannelAttention}
+AA_LAYERS: dict[str, Callable[..., nn.Module]] = {"avg": AvgPoolAA, "blur": BlurPool}
+NORM_LAYERS: dict[str, Callable[[int], Callable[[int], nn.Module]]] = {  # ndim -> channels -> norm
+    "batch": lambda ndim: _BN[ndim],
+    "group": lambda ndim: group_norm,
+    "frozen": lambda ndim: FrozenBatchNorm,
+}
+
+
+def plug_in(kind: str, registry: dict[str, Any], layer: str | Callable | None) -> Callable | None:
+    """A layer type given by name (looked up in ``registry``) or as a callable."""
+    if layer is None or callable(layer):
+        return layer
+    if layer not in registry:
+        raise ReslabError(f"{kind}={layer!r}: choose one of {', '.join(registry)} or pass a callable")
+    return registry[layer]

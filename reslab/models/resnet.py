@@ -13,50 +13,70 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
 
 from reslab.errors import ReslabError
 from reslab.models.layers import (
+    AA_LAYERS,
     ATTN_LAYERS,
+    NORM_LAYERS,
+    AALayer,
     ActLayer,
+    AttnLayer,
     ConvMaker,
     ConvSpec,
     DropPath,
     NormLayer,
     default_act,
-    default_norm,
     make_shortcut,
+    plug_in,
     shortcut_problem,
 )
 from reslab.models.spec import ResNetSpec
 
 
 def basic_transform(
-    in_chs: int, planes: int, stride: int, groups: int, base_width: int, dilation: tuple[int, int]
+    in_chs: int,
+    planes: int,
+    stride: int,
+    spec: ResNetSpec,
+    dilation: tuple[int, int],
+    widths: tuple[int, ...] | None = None,
 ) -> list[ConvSpec]:
-    """Two 3x3 convs (the paper's Fig. 5 left); the first one strides."""
+    """Two 3x3 convs (the paper's Fig. 5 left); the first one strides. ``widths``: the two convs'
+    output channels when they are not the spec's (pruned networks)."""
     first, rest = dilation
+    c1, c2 = widths or (planes // spec.reduce_first, planes)
     return [
-        ConvSpec(in_chs, planes, 3, stride, dilation=first, match_chs=(in_chs, planes)),
-        ConvSpec(planes, planes, 3, 1, dilation=rest, match_chs=(in_chs, planes)),
+        ConvSpec(in_chs, c1, 3, stride, dilation=first, match_chs=(in_chs, planes)),
+        ConvSpec(c1, c2, 3, 1, dilation=rest, match_chs=(in_chs, planes)),
     ]
 
 
 def bottleneck_transform(
-    in_chs: int, planes: int, stride: int, groups: int, base_width: int, dilation: tuple[int, int]
+    in_chs: int,
+    planes: int,
+    stride: int,
+    spec: ResNetSpec,
+    dilation: tuple[int, int],
+    widths: tuple[int, ...] | None = None,
 ) -> list[ConvSpec]:
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right), grouped for ResNeXt.
 
     The stride sits on the 3x3 conv ("ResNet v1.5", as torchvision and timm), not on the first
-    1x1 as in the paper: same parameters, about 0.5% better top-1.
+    1x1 as in the paper: same parameters, about 0.5% better top-1. SENet-154 narrows the first
+    conv by ``reduce_first``.
     """
-    mid = int(planes * base_width / 64) * groups
+    mid = int(planes * spec.base_width / 64) * spec.groups
+    c1, c2, c3 = widths or (mid // spec.reduce_first, mid, planes * 4)
     return [
-        ConvSpec(in_chs, mid, 1),
-        ConvSpec(mid, mid, 3, stride, groups, dilation[0], match_chs=(in_chs, planes)),
-        ConvSpec(mid, planes * 4, 1),
+        ConvSpec(in_chs, c1, 1),
+        ConvSpec(c1, c2, 3, stride, spec.groups, dilation[0], match_chs=(in_chs, planes)),
+        ConvSpec(c2, c3, 1),
     ]
 
 
@@ -71,7 +91,9 @@ class ResidualBlock(nn.Module):
 
     ``F`` is the chain of ``convs``: conv-norm-act (post-activation, He et al. 2015) or
     norm-act-conv (pre-activation, He et al. 2016), with optional dropout between convs (Wide
-    ResNets), attention on its output (SE), and stochastic depth on the whole branch.
+    ResNets), anti-aliased downsampling (the strided conv runs at stride 1 and ``aa_layer``
+    downsamples after its activation), attention on its output (SE, ECA), and stochastic depth on
+    the whole branch.
     """
 
     def __init__(
@@ -84,7 +106,8 @@ class ResidualBlock(nn.Module):
         conv_layer: ConvMaker,
         norm_layer: NormLayer,
         act_layer: ActLayer,
-        attn: str | None = None,
+        attn_layer: AttnLayer | None = None,
+        aa_layer: AALayer | None = None,
         dropout: float = 0.0,
         drop_path: float = 0.0,
         layout: str = "flat",
@@ -92,9 +115,14 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.residual, self.preact = residual, preact
         self.in_chs, self.out_chs = convs[0].in_chs, convs[-1].out_chs
+        self.widths = tuple(c.out_chs for c in convs)  # the branch's conv output channels
         self.stride = max(c.stride for c in convs)
         self._units: list[tuple[str, str | None]] = []
+        self._aa_after = -1  # the unit whose output is downsampled by anti-aliasing
         for i, c in enumerate(convs, 1):
+            if aa_layer is not None and c.stride > 1:
+                self._aa_after, self.aa = i - 1, aa_layer(c.out_chs, c.stride)
+                c = replace(c, stride=1)
             conv = conv_layer(c)
             if layout == "grouped":  # torchvision's video layout: conv{i} = (conv, norm)
                 self.add_module(f"conv{i}", nn.Sequential(conv, norm_layer(c.out_chs)))
@@ -108,7 +136,7 @@ class ResidualBlock(nn.Module):
                 self.add_module(f"bn{i}", norm_layer(c.out_chs))
                 self._units.append((f"conv{i}", f"bn{i}"))
         out_chs = convs[-1].out_chs
-        self.se = ATTN_LAYERS[attn](out_chs, conv_layer.ndim) if attn else None
+        self.se = attn_layer(out_chs, ndim=conv_layer.ndim) if attn_layer else None
         self.downsample = shortcut
         self.act = act_layer()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -130,6 +158,8 @@ class ResidualBlock(nn.Module):
                     out = getattr(self, norm)(out)
                 if i < len(self._units) - 1:
                     out = self.act(out)
+            if i == self._aa_after:
+                out = self.aa(out)
         if self.se is not None:
             out = self.se(out)
         if self.residual:
@@ -167,7 +197,11 @@ class ResidualBlock(nn.Module):
 
 
 def build_stem(
-    spec: ResNetSpec, in_chans: int, norm_layer: NormLayer, act_layer: ActLayer
+    spec: ResNetSpec,
+    in_chans: int,
+    norm_layer: NormLayer,
+    act_layer: ActLayer,
+    aa_layer: AALayer | None = None,
 ) -> tuple[OrderedDict[str, nn.Module], int]:
     """The stem's modules in order (names are checkpoint keys) and its spatial reduction.
 
@@ -175,23 +209,24 @@ def build_stem(
     """
     w, post = spec.stem_width, not spec.preact
     m: OrderedDict[str, nn.Module] = OrderedDict()
-    if spec.stem in ("imagenet", "deep"):
+    if spec.stem in ("imagenet", "deep", "deep_tiered"):
         if spec.stem == "imagenet":
             m["conv1"] = nn.Conv2d(in_chans, w, 7, 2, 3, bias=False)
         else:  # ResNet-C: three 3x3 convs instead of the 7x7 (He et al. 2019, "Bag of Tricks")
             h = w // 2
+            first = 3 * (h // 4) if spec.stem == "deep_tiered" else h  # timm's "t": 24-32-64 for 64
             m["conv1"] = nn.Sequential(
-                nn.Conv2d(in_chans, h, 3, 2, 1, bias=False),
-                norm_layer(h),
+                nn.Conv2d(in_chans, first, 3, 2, 1, bias=False),
+                norm_layer(first),
                 act_layer(),
-                nn.Conv2d(h, h, 3, 1, 1, bias=False),
+                nn.Conv2d(first, h, 3, 1, 1, bias=False),
                 norm_layer(h),
                 act_layer(),
                 nn.Conv2d(h, w, 3, 1, 1, bias=False),
             )
         if post:
             m["bn1"], m["act1"] = norm_layer(w), act_layer()
-        m["maxpool"] = nn.MaxPool2d(3, 2, 1)
+        m["maxpool"] = _stem_pool(spec.stem_pool, w, norm_layer, act_layer, aa_layer)
         return m, 4
     if spec.stem == "cifar":  # Sec. 4.2: one 3x3 conv, no pooling
         m["conv1"] = nn.Conv2d(in_chans, w, 3, 1, 1, bias=False)
@@ -215,6 +250,24 @@ def build_stem(
     return m, 2
 
 
+def _stem_pool(
+    kind: str, w: int, norm_layer: NormLayer, act_layer: ActLayer, aa_layer: AALayer | None
+) -> nn.Module:
+    """The stem's last 2x downsampling: a 3x3 max-pool, or a strided 3x3 conv-norm-act (ResNet-RS,
+    Bello et al. 2021). With anti-aliasing the stride moves into the anti-aliasing layer; a layer
+    that is a pool itself (average pooling) replaces the max-pool. The module keeps the name
+    ``maxpool`` whatever it is: checkpoint keys."""
+    if kind == "conv":
+        layers = [nn.Conv2d(w, w, 3, 1 if aa_layer else 2, 1, bias=False)]
+        layers += [aa_layer(w, 2)] if aa_layer else []
+        return nn.Sequential(*layers, norm_layer(w), act_layer())
+    if aa_layer is None:
+        return nn.MaxPool2d(3, 2, 1)
+    if getattr(aa_layer, "replaces_pool", False):
+        return aa_layer(w, 2)
+    return nn.Sequential(nn.MaxPool2d(3, 1, 1), aa_layer(w, 2))
+
+
 class ResNet(nn.Module):
     """Every reslab network. Build one from a registered name with :func:`reslab.create_model`.
 
@@ -234,8 +287,10 @@ class ResNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         output_stride: int | None = None,
-        norm_layer: NormLayer | None = None,
+        norm_layer: str | NormLayer | None = None,
         act_layer: ActLayer | None = None,
+        attn_layer: str | AttnLayer | None = None,
+        aa_layer: str | AALayer | None = None,
         features_only: bool = False,
         out_indices: tuple[int, ...] | None = None,
     ) -> None:
@@ -243,10 +298,20 @@ class ResNet(nn.Module):
         self.spec = spec
         self.num_classes = spec.num_classes if num_classes is None else num_classes
         self.in_chans = in_chans
-        norm_layer = norm_layer or default_norm(spec.ndim)
+        # Layer types: the spec's by default; a name or a callable plugs in another.
+        norm_layer = plug_in("norm_layer", NORM_LAYERS, norm_layer or spec.norm)
+        if norm_layer in NORM_LAYERS.values():
+            norm_layer = norm_layer(spec.ndim)
         act_layer = act_layer or default_act
+        if aa_layer is not None and spec.ndim != 2:
+            raise ReslabError(
+                f"aa_layer: anti-aliased downsampling is 2D only; {spec.ndim}D models take none"
+            )
+        aa_layer = plug_in("aa_layer", AA_LAYERS, aa_layer or spec.aa)
+        spec_attn = attn_layer is None or attn_layer == spec.attn  # the spec's layer, with its arguments
+        attn_layer = plug_in("attn_layer", ATTN_LAYERS, attn_layer or spec.attn)
 
-        stem, reduction = build_stem(spec, in_chans, norm_layer, act_layer)
+        stem, reduction = build_stem(spec, in_chans, norm_layer, act_layer, aa_layer)
         for name, module in stem.items():
             self.add_module(name, module)
         self.stem_names = list(stem)
@@ -270,9 +335,13 @@ class ResNet(nn.Module):
                 dilation, stride = dilation * stride, 1  # keep resolution, grow the receptive field
             reduction *= stride
             conv = ConvMaker(conv_kind, spec.ndim, norm_layer, act_layer)
+            stage_attn = (
+                partial(attn_layer, **spec.attn_kwargs(s)) if attn_layer and spec_attn else attn_layer
+            )
             blocks = []
             for b in range(depth):
-                out_chs = planes * spec.expansion
+                widths = spec.block_widths[block_idx] if spec.block_widths else None
+                out_chs = widths[-1] if widths else planes * spec.expansion
                 problem = shortcut_problem(spec.shortcut, in_chs, out_chs)
                 if problem:
                     size = "x".join(str(max(1, d // reduction)) for d in spec.input_size)
@@ -289,19 +358,26 @@ class ResNet(nn.Module):
                             in_chs,
                             planes,
                             block_stride,
-                            spec.groups,
-                            spec.base_width,
+                            spec,
                             (prev_dilation if b == 0 else dilation, dilation),
+                            widths,
                         ),
                         shortcut=make_shortcut(
-                            spec.shortcut, in_chs, out_chs, block_stride, conv, preact=spec.preact
+                            spec.shortcut,
+                            in_chs,
+                            out_chs,
+                            block_stride,
+                            conv,
+                            preact=spec.preact,
+                            kernel=spec.shortcut_kernel,
                         ),
                         residual=spec.residual,
                         preact=spec.preact,
                         conv_layer=conv,
                         norm_layer=norm_layer,
                         act_layer=act_layer,
-                        attn=spec.attn,
+                        attn_layer=stage_attn,
+                        aa_layer=aa_layer,
                         dropout=spec.dropout,
                         drop_path=dpr if spec.residual else 0.0,
                         layout=spec.layout,

@@ -15,6 +15,11 @@ Glossary (names in code -> symbols in the papers):
   64 planes), so ``mid_chs = planes * base_width / 64 * groups``.
 - ``shortcut``: the paper's options A/B/C (Sec. 3.3), plus D (average-pool then project,
   "Bag of Tricks" ResNet-D) and ``"none"`` (the plain twin).
+- ``stem``: ``imagenet`` (7x7, the paper's), ``cifar`` (one 3x3, Sec. 4.2), ``deep`` (three 3x3,
+  ResNet-C), ``deep_tiered`` (three 3x3 of widening width, timm's "t"), and the video stems.
+- ``attn`` / ``aa`` / ``norm``: the layer types plugged into every block (attention on the branch
+  output, anti-aliased downsampling, normalisation), by registered name.
+- ``block_widths``: explicit output channels of each conv of each block (pruned networks).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from reslab.errors import ReslabError
+from reslab.models.layers import AA_LAYERS, ATTN_LAYERS, NORM_LAYERS
 
 TRANSFORMS = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}
-STEMS = ("imagenet", "cifar", "deep", "video", "video_2plus1d")
+CONVS_PER_BLOCK = {"basic": 2, "bottleneck": 3}
+STEMS = ("imagenet", "cifar", "deep", "deep_tiered", "video", "video_2plus1d")
+STEM_POOLS = ("max", "conv")
 SHORTCUTS = ("A", "B", "C", "D", "none")
 CONVS = ("standard", "2plus1d", "no_temporal")
-ATTNS = (None, "se")
 LAYOUTS = ("flat", "grouped")
 
 
@@ -42,11 +49,21 @@ class ResNetSpec:
     widths: tuple[int, ...]  # planes per stage
     stem: str = "imagenet"
     stem_width: int = 64  # channels the stem hands to the first stage
+    stem_pool: str = "max"  # ImageNet stems' downsampling: a max-pool, or a strided 3x3 conv (ResNet-RS)
     shortcut: str = "B"
+    shortcut_kernel: int = 1  # kernel of strided projections (SENet-154: 3)
     preact: bool = False  # BN-ReLU-conv order, identity path left clean (He et al. 2016)
     groups: int = 1
     base_width: int = 64
-    attn: str | None = None  # attention on the branch output, e.g. squeeze-and-excitation
+    reduce_first: int = 1  # the first conv of a block at 1/reduce_first width (SENet-154: 2)
+    attn: str | None = None  # attention on the branch output: "se" (squeeze-excite), "eca"
+    # keyword arguments of the attention layer; a tuple value gives one per stage
+    attn_args: tuple[tuple[str, Any], ...] = ()
+    aa: str | None = None  # anti-aliased downsampling in strided convs and the stem: "avg", "blur"
+    norm: str = "batch"  # "batch", "group" (GroupNorm, 32 groups), "frozen"
+    # explicit output channels of each conv of each block, in depth order (pruned networks); the
+    # nominal widths above still name the architecture it was pruned from
+    block_widths: tuple[tuple[int, ...], ...] | None = None
     ndim: int = 2  # 2 for images, 3 for video clips (the same wiring with 3D layers)
     conv: tuple[str, ...] = ("standard",)  # conv maker, one per stage or one for all
     layout: str = "flat"  # state-dict naming: torchvision's 2D (conv1, bn1) or video (conv1.0, conv1.1)
@@ -66,12 +83,23 @@ class ResNetSpec:
             problems.append(f"depths {self.depths} must be positive")
         if self.stem not in STEMS:
             problems.append(f"stem={self.stem!r} (choose from {', '.join(STEMS)})")
+        if self.stem_pool not in STEM_POOLS:
+            problems.append(f"stem_pool={self.stem_pool!r} (choose from {', '.join(STEM_POOLS)})")
         if self.shortcut not in SHORTCUTS:
             problems.append(f"shortcut={self.shortcut!r} (choose from {', '.join(SHORTCUTS)})")
         if len(self.conv) != len(self.depths) or any(c not in CONVS for c in self.conv):
             problems.append(f"conv={self.conv} (one of {', '.join(CONVS)} per stage)")
-        if self.attn not in ATTNS:
-            problems.append(f"attn={self.attn!r} (choose from {ATTNS})")
+        if self.attn is not None and self.attn not in ATTN_LAYERS:
+            problems.append(f"attn={self.attn!r} (choose from {', '.join(ATTN_LAYERS)})")
+        if self.aa is not None and (self.aa not in AA_LAYERS or self.ndim != 2):
+            problems.append(f"aa={self.aa!r} (choose from {', '.join(AA_LAYERS)}; 2D networks only)")
+        if self.norm not in NORM_LAYERS:
+            problems.append(f"norm={self.norm!r} (choose from {', '.join(NORM_LAYERS)})")
+        if self.stem_width < 1 or self.groups < 1 or self.base_width < 1 or self.reduce_first < 1:
+            problems.append("stem_width, groups, base_width and reduce_first must be positive")
+        if any(w < 1 for w in self.widths):
+            problems.append(f"widths {self.widths} must be positive")
+        problems += self._block_width_problems()
         if self.layout not in LAYOUTS:
             problems.append(f"layout={self.layout!r} (choose from {', '.join(LAYOUTS)})")
         if self.ndim not in (2, 3) or len(self.input_size) != self.ndim:
@@ -82,6 +110,20 @@ class ResNetSpec:
             problems.append("pre-activation blocks use the flat layout")
         if problems:
             raise ReslabError("invalid ResNetSpec: " + "; ".join(problems))
+
+    def _block_width_problems(self) -> list[str]:
+        if self.block_widths is None:
+            return []
+        n = CONVS_PER_BLOCK.get(self.block, 0)
+        if len(self.block_widths) != sum(self.depths) or any(len(b) != n for b in self.block_widths):
+            return [f"block_widths: one tuple of {n} widths per block ({sum(self.depths)} blocks)"]
+        start, problems = 0, []
+        for s, depth in enumerate(self.depths):  # a stage's blocks add to one shortcut: one output width
+            outs = {b[-1] for b in self.block_widths[start : start + depth]}
+            if len(outs) > 1:
+                problems.append(f"block_widths of stage {s + 1} end in different widths {sorted(outs)}")
+            start += depth
+        return problems
 
     @property
     def expansion(self) -> int:
@@ -99,9 +141,12 @@ class ResNetSpec:
     @property
     def num_layers(self) -> int:
         """Weighted layers as the papers count them: stem convs, branch convs and the classifier."""
-        per_block = 2 if self.block == "basic" else 3
-        stem_convs = 3 if self.stem == "deep" else 1
-        return stem_convs + per_block * sum(self.depths) + 1
+        stem_convs = 3 if self.stem.startswith("deep") else 1
+        return stem_convs + CONVS_PER_BLOCK[self.block] * sum(self.depths) + 1
+
+    def attn_kwargs(self, stage: int) -> dict[str, Any]:
+        """The attention layer's keyword arguments in ``stage`` (0-based)."""
+        return {k: v[stage] if isinstance(v, tuple) else v for k, v in self.attn_args}
 
     def describe(self) -> str:
         """One line: the transform, stem, shortcut and the options that are set."""
@@ -113,10 +158,15 @@ class ResNetSpec:
             "D": "D (avg-pool + project)",
         }[self.shortcut]
         return (
-            f"block {self.block}, stem {self.stem}, shortcut {shortcut}"
+            f"block {self.block}, stem {self.stem}"
+            + (f" ({self.stem_pool} pool)" if self.stem_pool != "max" else "")
+            + f", shortcut {shortcut}"
             + (", pre-activation" if self.preact else "")
             + (f", groups {self.groups}x{self.base_width}d" if self.groups > 1 else "")
             + (f", attention {self.attn}" if self.attn else "")
+            + (f", anti-aliasing {self.aa}" if self.aa else "")
+            + (f", {self.norm} norm" if self.norm != "batch" else "")
+            + (", pruned widths" if self.block_widths else "")
         )
 
     def replace(self, **changes: Any) -> ResNetSpec:
