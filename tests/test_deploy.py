@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from reslab import ReslabError, create_model, list_models
+from reslab import ReslabError, list_models
 from reslab.deploy import fold_batchnorm
 from reslab.models import get_model_entry
-from tests.conftest import shared_data, small_input
+from tests.conftest import compact_model, shared_data, small_input
 from tests.test_reference import _randomise_norms
 
 FAMILIES = {}
@@ -23,7 +23,7 @@ for _name in list_models():
 
 @pytest.mark.parametrize("name", sorted(FAMILIES.values()))
 def test_fold_batchnorm_is_exact_for_every_family(name: str) -> None:
-    model = _randomise_norms(create_model(name, num_classes=10))
+    model = _randomise_norms(compact_model(name, num_classes=10))
     x = small_input(name)
     folded = fold_batchnorm(model)
     # GroupNorm normalises with each input's own statistics: nothing to fold
