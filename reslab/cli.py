@@ -27,6 +27,7 @@ from reslab.config import (
     arg_type,
     base_type,
     choices,
+    int_list,
     key_type,
     parse_value,
 )
@@ -76,7 +77,7 @@ def config_flag(
     dest = f"{target}:{key}"
     if tp is bool:
         p.add_argument(flag, dest=dest, action="store_true", default=None, help=help)
-    elif kwargs.get("nargs"):
+    elif kwargs.get("nargs") == "*":
         p.add_argument(flag, dest=dest, metavar=key.rsplit(".", 1)[-1].upper(), help=help, **kwargs)
     else:
         meta = None if choices(tp) else key.rsplit(".", 1)[-1].upper()
@@ -219,9 +220,24 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     config_flag(budget, "--epochs", "epochs")
     config_flag(budget, "--iters", "iters")
     config_flag(p, "--lr", "optim.lr")
-    config_flag(p, "--amp", "amp")
+    config_flag(p, "--amp", "amp", "mixed precision (auto: bf16 on CUDA, none on CPUs)")
     config_flag(p, "--channels-last", "channels_last")
-    config_flag(p, "--compile", "compile", "torch.compile the model")
+    config_flag(
+        p,
+        "--compile",
+        "compile",
+        "torch.compile the model (auto: ImageNet-sized inputs on CUDA)",
+        nargs="?",
+        const="on",
+    )
+    config_flag(
+        p,
+        "--cuda-graphs",
+        "cuda_graphs",
+        "one CUDA graph per training step (auto: CUDA, in-memory data)",
+        nargs="?",
+        const="on",
+    )
     config_flag(p, "--sync-bn", "sync_bn", "SyncBatchNorm across processes")
     _run_flags(p)
 
@@ -441,6 +457,10 @@ def _batch_arg(text: str) -> str | int:
     return text if text == "dynamic" else arg_type(int, POSITIVE)(text)
 
 
+_batch_arg.constraint = POSITIVE
+_positive_ints = int_list(POSITIVE)
+
+
 @command("export", "export a checkpoint to ONNX / TorchScript / torch.export and verify it on real images")
 def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
@@ -605,12 +625,6 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def _positive_ints(text: str) -> list[int]:
-    from reslab.config import int_list
-
-    return int_list(POSITIVE)(text)
-
-
 @command(
     "finetune", "fine-tune pretrained weights on a folder of images: new head, frozen and unfrozen stages"
 )
@@ -723,14 +737,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (already printed on one line)
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False)
     warnings.showwarning = _show_warning
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # inside the try: a reader that went away is noticed here
+        return code
     except ReslabError as e:
         if debug:
             raise
@@ -742,6 +761,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (e.g. `reslab models | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return PIPE_CLOSED
+    except OSError as e:  # a file or folder the user named: say which and why
+        if debug:
+            raise
+        where = e.filename or "a file"
+        reason = (
+            "a file where a folder is needed" if isinstance(e, FileExistsError | NotADirectoryError) else None
+        )
+        print(
+            f"reslab: error: {where}: {reason or e.strerror or e}; check the path and its permissions",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:  # a bug or an environment problem: still one line unless --debug
         if debug:
             raise

@@ -92,7 +92,8 @@ OptimName = Literal["sgd", "adamw"]
 LrScaling = Literal["none", "linear"]
 SchedName = Literal["constant", "multistep", "cosine", "onecycle"]
 WarmupMode = Literal["linear", "constant"]
-Amp = Literal["none", "bf16", "fp16"]
+Amp = Literal["auto", "none", "bf16", "fp16"]
+OnOff = Literal["auto", "on", "off"]
 Freeze = Annotated[str, Pattern(r"base|none|stages:\d+", "base, none or stages:N")]
 UnfreezeAt = Annotated[str, Pattern(r"\d+:\d+", "EPOCH:N (at EPOCH, unfreeze the last N stages)")]
 FrozenBN = Literal["eval", "frozen"]
@@ -119,6 +120,7 @@ def arg_type(kind: type, constraint: Range | Pattern) -> Any:
         return value
 
     parse.__name__ = kind.__name__
+    parse.constraint = constraint  # for tests that probe every option's bounds
     return parse
 
 
@@ -132,6 +134,7 @@ def int_list(constraint: Range) -> Any:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
         return values
 
+    parse.constraint = constraint
     return parse
 
 
@@ -215,9 +218,14 @@ class TrainConfig:
     label_smoothing: Annotated[float, FRACTION] = 0.0
     grad_clip: PositiveFloat | None = None  # max global gradient norm
     ema_decay: Annotated[float, OPEN_FRACTION] | None = None  # an exponential moving average of weights
-    amp: Amp = "none"
+    # GPU speed; "auto" is chosen per device by measurement (README, "GPU training"): CPUs run fp32,
+    # eager and uncompiled; CUDA runs bf16 autocast (where supported) with TF32 matmuls, the small
+    # CIFAR networks as one CUDA graph per step, ImageNet-sized ones compiled.
+    amp: Amp = "auto"
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect on CPUs)
+    cuda_graphs: OnOff = "auto"  # capture the whole training step (static batch shapes only)
     channels_last: bool = False
-    compile: bool = False
+    compile: OnOff = "auto"
     seed: Count = 0
     deterministic: bool = False  # deterministic kernels (bitwise-reproducible on CPU anyway)
     device: Device = "auto"

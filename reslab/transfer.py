@@ -13,6 +13,7 @@ to the weights (resize, crop, mean/std) and their class names come with them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,14 @@ def finetune_config(
         tree.setdefault("data.std", list(pre.preprocess.std))
     if "data.val_split" not in tree and find_splits(Path(data_dir))[1] is None:
         tree["data.val_split"] = 0.2
-    return load_config("finetune", tree), ft
+    cfg = load_config("finetune", tree)
+    late = [e for e in ft.unfreeze_at if cfg.epochs is not None and int(e.split(":")[0]) >= cfg.epochs]
+    if late:
+        raise ReslabError(
+            f"--unfreeze-at {' '.join(late)}: the run has {cfg.epochs:g} epochs (0-based epochs 0..{math.ceil(cfg.epochs) - 1}), "
+            "so it would never unfreeze; use an earlier epoch or more --epochs"
+        )
+    return cfg, ft
 
 
 def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "auto") -> torch.Tensor:

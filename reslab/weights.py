@@ -77,18 +77,27 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ReslabError(
                 f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
             ) from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] not in (b"PK", b"\x80\x02") and head[:1] != b"\x80":  # zip archive, or a legacy pickle
+        raise ReslabError(
+            f"{path}: not a checkpoint (neither a PyTorch file nor safetensors); check the path, or "
+            "re-save the weights with torch.save(model.state_dict(), path)"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise ReslabError(
                 f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
                 "which reslab will not unpickle; re-save it with torch.save(model.state_dict(), path)"
             ) from None
-        raise ReslabError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise ReslabError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {_load_error(e)}"
+        ) from None
     except Exception as e:  # the unpickler raises anything from EOFError to IndexError on junk
         raise ReslabError(
-            f"{path}: cannot be read as a checkpoint (truncated or corrupt?): {_first_line(e)}"
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {_load_error(e)}"
         ) from None
     if not isinstance(obj, Mapping):
         raise ReslabError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
@@ -97,6 +106,11 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_error(e: BaseException) -> str:
+    """The part of a loader's error that says what is wrong, without torch's advice paragraphs."""
+    return _first_line(e).split(". ")[0]
 
 
 def extract_state_dict(obj: Mapping[str, Any], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:

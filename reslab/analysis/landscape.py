@@ -160,6 +160,12 @@ def run(
                 if not npz.exists():
                     raise ReslabError(f"{npz}: nothing to replot; run without --replot first")
                 entry[kind] = dict(np.load(npz))
+                missing = int(np.isnan(entry[kind]["loss"]).sum())
+                if missing:  # an interrupted run: the grid resumes where it stopped
+                    raise ReslabError(
+                        f"{npz}: {missing} of {entry[kind]['loss'].size} grid points are not computed yet; "
+                        "run without --replot to finish the grid"
+                    )
             else:
                 entry[kind] = surface(model, batches, dirs, axes, npz, progress, extra)
             entry[f"{kind}_npz"] = str(npz)

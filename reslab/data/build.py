@@ -32,7 +32,6 @@ from reslab.data.video import load_clip_folder, synthetic_clips
 from reslab.errors import ReslabError
 
 SMALL_IMAGE_MAX = 64  # folders of images up to this size are decoded into memory
-NO_DIR = ("default", "synthetic_clips")  # datasets that need no --data-dir
 
 
 @dataclass
@@ -121,13 +120,12 @@ def checkpoint_data(
     ``data_dir`` instead, set up for evaluation, and the seed of its splits. Evaluation uses the
     test split, or the same held-out validation split as in training when the data has none.
 
-    A ``data_dir`` alone keeps the recorded kind of data, or means ``folder`` where that kind has
-    no folder (the embedded sample).
+    A ``data_dir`` without ``data`` means ``folder``, as on every command.
     """
     config = config or {}
     fields = dict(config.get("data") or {})
     fields = {k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__}
-    if data_dir is not None and data is None and fields.get("name", "default") in NO_DIR:
+    if data_dir is not None and data is None:
         data = "folder"
     if data is not None and data != fields.get("name"):
         fields = {"name": data}

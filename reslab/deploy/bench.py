@@ -9,6 +9,7 @@ measured fp32 matrix-multiply peak.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,18 @@ from reslab.deploy.export import ort_session, write_onnx
 from reslab.deploy.fold import fold_batchnorm
 from reslab.deploy.quantize import quantize_onnx
 from reslab.deploy.timing import latency, matmul_peak, time_calls
-from reslab.engine import read_checkpoint
+from reslab.engine import read_checkpoint, resolve_device
 from reslab.errors import ReslabError
 from reslab.models import create_model, get_model_entry
 
 BACKENDS = ("torchvision", "reslab", "reslab-cl-fold", "reslab-compile", "ort-fp32", "ort-int8")
 
 
-def _torchvision_twin(name: str) -> nn.Module | None:
+def _torchvision_builder(name: str) -> Callable[[], nn.Module] | None:
+    """torchvision's builder of the architecture called ``name``, if it has one."""
     for namespace in (torchvision.models, torchvision.models.video):
-        builder = getattr(namespace, name, None)
-        if callable(builder) and name in torchvision.models.list_models(module=namespace):
-            return builder()
+        if name in torchvision.models.list_models(module=namespace):
+            return getattr(namespace, name)
     return None
 
 
@@ -48,12 +49,17 @@ def bench(
     min_time: float = 2.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark a registered model name or a checkpoint; returns the peak and a list of rows."""
+    """Benchmark a registered model name or a checkpoint; returns the peak and a list of rows.
+
+    A backend that cannot run here (torchvision lacks the model; ONNX Runtime off the CPU) is left
+    out with a warning, and refused when nothing else was asked for.
+    """
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ReslabError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
     if Path(target).is_file():
-        ckpt = read_checkpoint(target)
+        ckpt = read_checkpoint(target, device="cpu")
         model, name = ckpt.model, ckpt.arch
     else:
         name = target
@@ -62,18 +68,33 @@ def bench(
     size = tuple(spec.input_size)
     if input_size:
         size = (*size[:-2], input_size, input_size)
-    dev = torch.device(device)
+    unavailable = {
+        b: reason
+        for b, reason in (
+            ("torchvision", f"torchvision has no {name}"),
+            ("ort-fp32", "ONNX Runtime is measured on the CPU only"),
+            ("ort-int8", "ONNX Runtime is measured on the CPU only"),
+        )
+        if b in backends and (_torchvision_builder(name) is None if b == "torchvision" else dev.type != "cpu")
+    }
+    if unavailable and set(backends) <= set(unavailable):
+        raise ReslabError(
+            f"--backends {','.join(backends)}: {'; '.join(unavailable.values())}; choose others"
+        )
+    for backend, reason in unavailable.items():
+        warnings.warn(f"{reason}: the {backend} rows are left out", stacklevel=2)
+    backends = tuple(b for b in backends if b not in unavailable)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     say = progress or (lambda _msg: None)
     say("measuring the fp32 matmul peak")
-    peak = matmul_peak(1.5 * min_time, device=device)
+    peak = matmul_peak(1.5 * min_time, device=dev)
     with torch.device("meta"):
         macs_per_image = count_macs(
             create_model(name, num_classes=model.num_classes).eval(), (1, model.in_chans, *size)
         )
     model = model.to(dev).eval()
     rows: list[dict[str, Any]] = []
-    tv = _torchvision_twin(name) if "torchvision" in backends else None
+    tv = _torchvision_builder(name)() if "torchvision" in backends else None
     if tv is not None:
         tv.load_state_dict(model.state_dict())  # the same weights: outputs are compared below
         tv = tv.to(dev).eval()

@@ -109,19 +109,25 @@ def export_model(
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(ckpt, fmt, batch, fold_bn)
-    with torch.no_grad():
-        if fmt == "onnx":
-            write_onnx(deployed, example, path, dynamic, metadata)
-        elif fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(deployed, example)
-            traced.save(str(path), _extra_files={"reslab.json": json.dumps(metadata)})
-        else:
-            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
-            program = torch.export.export(deployed, (example,), dynamic_shapes=shapes)
-            torch.export.save(program, str(path), extra_files={"reslab.json": json.dumps(metadata)})
-    Path(f"{path}.json").write_text(json.dumps(metadata, indent=1))
+    try:
+        with torch.no_grad():
+            if fmt == "onnx":
+                write_onnx(deployed, example, path, dynamic, metadata)
+            elif fmt == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(deployed, example)
+                traced.save(str(path), _extra_files={"reslab.json": json.dumps(metadata)})
+            else:
+                shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+                program = torch.export.export(deployed, (example,), dynamic_shapes=shapes)
+                torch.export.save(program, str(path), extra_files={"reslab.json": json.dumps(metadata)})
+        Path(f"{path}.json").write_text(json.dumps(metadata, indent=1))
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "file" not in str(e):
+            raise  # an exporter failure, not a file problem
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ReslabError(f"{path}: cannot be written ({reason}); choose a writable --out") from None
     report = {
         "path": str(path),
         "format": fmt,

@@ -93,7 +93,6 @@ def quantize_report(
     fp32 = int8.with_name(
         int8.name.replace(".int8", "") if ".int8" in int8.name else int8.stem + ".fp32.onnx"
     )
-    export_model(ckpt, "onnx", fp32, fold_bn=True, verify_inputs=real_inputs(ckpt, calib, 16))
     loader = None
     if (ckpt.config or {}).get("data"):
         cfg, seed = checkpoint_data(ckpt.config, augment="none", batch_size=64, eval_batch_size=256)
@@ -105,11 +104,12 @@ def quantize_report(
             batches = fixed_batches(ckpt.config, pre, split="train", limit=calib_n)
             calibration = torch.cat([x for x, _ in batches])[:calib_n]
     if calib is not None:
-        calibration = real_inputs(ckpt, calib, calib_n)
+        calibration = real_inputs(ckpt, calib, calib_n)  # read once: each unreadable file is named once
     elif loader is None:
         raise ReslabError(
             f"{checkpoint}: no record of its data; pass --calib DIR with real calibration images"
         )
+    export_model(ckpt, "onnx", fp32, fold_bn=True, verify_inputs=calibration[:16])
     quantize_onnx(fp32, int8, calibration)
     report: dict[str, Any] = {"fp32": str(fp32), "int8": str(int8), "calibration_images": len(calibration)}
     if loader is not None:

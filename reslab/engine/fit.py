@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from reslab.config import TrainConfig, load_config, to_dict
-from reslab.data import Data, Placement, build_data
+from reslab.data import Data, Placement, TensorLoader, build_data
 from reslab.engine import distributed as dist
 from reslab.engine.checkpoint import BEST, LAST, Budget, TrainState, resume_file, save_checkpoint
-from reslab.engine.device import resolve_device, rng_state, set_rng_state
+from reslab.engine.device import for_device, resolve_device, rng_state, set_rng_state
 from reslab.engine.evaluate import eval_report, evaluate
+from reslab.engine.graphs import CapturedStep, make_step
 from reslab.engine.rundir import RunLog, default_run_dir, epoch_line, plot_curves, write_header
 from reslab.engine.train import EMA, Stop, TrainStep, build_optimizer, train_one_epoch
 from reslab.errors import NonFiniteLoss, ReslabError, TrainingInterrupted
@@ -76,7 +77,8 @@ class RunResult:
 class Run:
     """A training run in progress: its config, data, model, step, progress and outputs."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # with its "auto" settings resolved for this device
+    asked: TrainConfig  # as given: what checkpoints record, so a resumed run resolves "auto" anew
     run_dir: Path
     ctx: dist.DistContext
     device: torch.device
@@ -115,7 +117,7 @@ class Run:
             "state": asdict(self.state),
             "budget": asdict(self.budget),
             "rng": rng_state(self.device),
-            "config": to_dict(self.cfg),
+            "config": to_dict(self.asked),
         }
         save_checkpoint(content, self.model, self.run_dir / name, self.state.iteration)
 
@@ -196,8 +198,7 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
             f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
         )
-    if ctx.is_main:
-        _report_data(data)
+    asked, cfg = cfg, for_device(cfg, device, data.preprocess.size[-1])  # "auto" speed settings resolved
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = policy.build_model(cfg, data, model_args, ckpt is None)
     _check_fits(model, data, cfg)
@@ -230,8 +231,10 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
         state, budget = _restore(ckpt, model, optimizer, scaler, ema, ctx.world, global_batch, device)
     _start_epoch(policy, state, model, ctx)  # before DDP wraps the model: it registers trainable parameters
     train_model = dist.wrap(model, ctx)
-    if cfg.compile:
+    if cfg.compile == "on":
         train_model = torch.compile(train_model)
+    static = isinstance(data.train, TensorLoader)  # every training batch has the same shape
+    step = make_step(train_model, optimizer, cfg, device, scaler, ema, static_batches=static, world=ctx.world)
     meta = {
         "arch": cfg.model,
         "model_args": {k: v for k, v in model_args.items() if k != "num_classes"},
@@ -242,21 +245,10 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
         "world": ctx.world,
         "policy": policy.to_dict(),
     }
-    run = Run(
-        cfg,
-        run_dir,
-        ctx,
-        device,
-        data,
-        model,
-        TrainStep(train_model, optimizer, cfg, device, scaler, ema),
-        state,
-        budget,
-        policy,
-        meta,
-    )
+    run = Run(cfg, asked, run_dir, ctx, device, data, model, step, state, budget, policy, meta)
     if ctx.is_main:
-        write_header(run_dir, cfg, device, ctx.world, policy.to_dict())
+        write_header(run_dir, asked, device, ctx.world, policy.to_dict())
+        _report_data(data, run_dir)
         run.log = RunLog(run_dir)
         if ckpt is not None:
             run.log.truncate_after(state.iteration)
@@ -268,6 +260,12 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             + (f" x {ctx.world} processes" if ctx.world > 1 else "")
             + f"; run directory {run_dir}"
         )
+        if device.type == "cuda":
+            graphed = "one CUDA graph per step" if isinstance(step, CapturedStep) else "eager steps"
+            print(
+                f"reslab: on {torch.cuda.get_device_name(device)}: amp {cfg.amp}, TF32 {'on' if cfg.tf32 else 'off'}, "
+                f"torch.compile {cfg.compile}, {graphed}"
+            )
     return run
 
 
@@ -423,6 +421,8 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
         "confusion_png": report.get("confusion_png"),
     }
     if main:
+        if data.train.skipped or data.eval.skipped:
+            _list_skipped(data, run.run_dir)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(run.run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
     return RunResult(
@@ -438,12 +438,22 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
     )
 
 
-def _report_data(data: Data) -> None:
-    if data.skipped:
+def _list_skipped(data: Data, run_dir: Path) -> None:
+    """Name every unreadable image skipped so far in ``skipped.txt`` (decoded sets know them all
+    up front; streaming loaders find them as they go, and each was named on stderr then)."""
+    skipped = sorted(set(data.skipped + data.train.skipped + data.eval.skipped))
+    if skipped:
+        listed = run_dir / "skipped.txt"
+        listed.write_text("".join(f"{s}\n" for s in skipped))
         print(
-            f"reslab: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0]}",
+            f"reslab: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}; all of them are "
+            f"listed in {listed}",
             file=sys.stderr,
         )
+
+
+def _report_data(data: Data, run_dir: Path) -> None:
+    _list_skipped(data, run_dir)
     if data.class_counts and min(data.class_counts) * 1.5 < max(data.class_counts):
         counts = ", ".join(f"{c} {n}" for c, n in zip(data.classes, data.class_counts, strict=True))
         print(

@@ -73,10 +73,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.dtype.is_floating_point:
-                e.lerp_(m, 1.0 - self.decay)
-            else:
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - self.decay)
+        for e, m in pairs:
+            if not e.dtype.is_floating_point:  # step counters are copied
                 e.copy_(m)
 
 

@@ -78,6 +78,17 @@ def get_model_entry(name: str) -> ModelEntry:
             return make(match)
     close = difflib.get_close_matches(lowered, list(_REGISTRY), n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
+    depth = re.fullmatch(r"(?:resnet|plain)(\d+)", lowered)
+    if depth and (int(depth.group(1)) - 2) % 6 == 0:  # a CIFAR depth that is not registered
+        registered = sorted(
+            int(n[6:])
+            for n in _REGISTRY
+            if re.fullmatch(r"resnet\d+", n) and _REGISTRY[n].spec.stem == "cifar"
+        )
+        hint = (
+            f": CIFAR ResNets have 6n+2 layers and are registered at {', '.join(map(str, registered))}; "
+            f"build depth {depth.group(1)} with ResNet(ResNetSpec(depths=(n, n, n), ...))"
+        )
     raise ReslabError(f"unknown model {name!r}{hint} (`reslab models` lists them all)")
 
 

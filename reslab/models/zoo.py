@@ -319,6 +319,8 @@ def _register_family() -> None:
 
 
 def wide_resnet_spec(depth: int, k: int) -> ResNetSpec:
+    if k < 1:
+        raise ReslabError(f"WRN-{depth}-{k}: the widening factor k must be at least 1 (e.g. wrn{depth}_2)")
     n, rest = divmod(depth - 4, 6)
     if rest or n < 1:
         raise ReslabError(f"WRN-{depth}-{k}: Wide ResNets have 6n+4 layers (16, 22, 28, 40, ...)")
