@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,7 +83,14 @@ def reference_img_s(name: str, device: torch.device, iters: int, warmup: int, da
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, model.num_classes, (batch,), device=device)
         return timed(lambda: step(x, y), iters, warmup, device, batch)
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
     dataset = torchvision.datasets.ImageFolder(str(data_dir / "train"), transform=tf)
     best = 0.0
     cpus = os.cpu_count() or 1
@@ -91,14 +99,15 @@ def reference_img_s(name: str, device: torch.device, iters: int, warmup: int, da
             dataset, batch, shuffle=True, num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",
             persistent_workers=True,
         )  # fmt: skip
+
         batches = iter(loader)
-
-        def from_loader() -> None:
-            x, y = next(batches)
-            step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-
-        best = max(best, timed(from_loader, iters, warmup, device, batch))
+        best = max(best, timed(partial(_next_batch, step, batches, device), iters, warmup, device, batch))
     return best
+
+
+def _next_batch(step, batches, device: torch.device) -> None:
+    x, y = next(batches)
+    step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
 
 def reslab_loader(name: str, device: torch.device, data_dir: Path | None):
@@ -106,28 +115,42 @@ def reslab_loader(name: str, device: torch.device, data_dir: Path | None):
     batch, size = shape(name)
     place = Placement(device, channels_last=True)
     if data_dir is not None and size == 32:
-        cfg = load_config("cifar10_paper", {"data.name": "folder", "data.dir": str(data_dir), "data.batch_size": batch})
+        cfg = load_config(
+            "cifar10_paper", {"data.name": "folder", "data.dir": str(data_dir), "data.batch_size": batch}
+        )
         return build_data(cfg.data, place=place, progress=False).train
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10 if size == 32 else 1000, (2 * batch,), generator=g)
     mean, std = (CIFAR_MEAN, CIFAR_STD) if size == 32 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return TensorLoader(images, labels, batch_size=batch, train=True, mean=mean, std=std, augment="crop_flip", place=place)
+    return TensorLoader(
+        images, labels, batch_size=batch, train=True, mean=mean, std=std, augment="crop_flip", place=place
+    )
 
 
-def reslab_img_s(name: str, device: torch.device, path: str, iters: int, warmup: int, data_dir: Path | None) -> float:
+def reslab_img_s(
+    name: str, device: torch.device, path: str, iters: int, warmup: int, data_dir: Path | None
+) -> float:
     """reslab's engine: ``train_one_epoch`` over the in-memory loader, as ``reslab train`` runs it."""
     batch, size = shape(name)
     loader = reslab_loader(name, device, data_dir)
     cfg = for_device(
-        load_config("cifar10_paper", {"progress": False, "log_every": 10**6, "compile": "off", "cuda_graphs": "off"}),
+        load_config(
+            "cifar10_paper", {"progress": False, "log_every": 10**6, "compile": "off", "cuda_graphs": "off"}
+        ),
         device,
         size,
     )
-    model = create_model(name, num_classes=10 if size == 32 else 1000).to(device, memory_format=torch.channels_last)
+    model = create_model(name, num_classes=10 if size == 32 else 1000).to(
+        device, memory_format=torch.channels_last
+    )
     train_model = torch.compile(model) if path == "compiled" else model
     optimizer = build_optimizer(model, cfg)
-    step = CapturedStep(model, optimizer, cfg, device) if path == "graphs" else TrainStep(train_model, optimizer, cfg, device)
+    step = (
+        CapturedStep(model, optimizer, cfg, device)
+        if path == "graphs"
+        else TrainStep(train_model, optimizer, cfg, device)
+    )
     state = TrainState()
 
     def run(n: int) -> None:
@@ -161,7 +184,9 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="default: cuda when available")
     p.add_argument("--models", default="resnet20,resnet56,resnet50", help="comma-separated")
     p.add_argument("--iters", type=int, default=50, help="timed iterations per measurement")
-    p.add_argument("--warmup", type=int, default=10, help="untimed iterations first (capture, compile, cuDNN)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed iterations first (capture, compile, cuDNN)"
+    )
     p.add_argument("--data-dir", default=str(CIFAR), help="CIFAR-10 class folders (synthetic data without)")
     p.add_argument("--paths", default="eager,graphs,compiled", help="reslab paths to measure")
     args = p.parse_args()
@@ -169,8 +194,15 @@ def main() -> None:
     data_dir = Path(args.data_dir) if Path(args.data_dir, "train").is_dir() else None
     paths = [x for x in args.paths.split(",") if x and (x != "graphs" or device.type == "cuda")]
     peak = matmul_peak(device=device) if device.type == "cpu" else None
-    name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name_of}; CIFAR data: {data_dir or 'synthetic'}" + (f"; fp32 matmul peak {peak:.0f} GFLOP/s" if peak else ""))
+    name_of = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device: {name_of}; CIFAR data: {data_dir or 'synthetic'}"
+        + (f"; fp32 matmul peak {peak:.0f} GFLOP/s" if peak else "")
+    )
     rows = []
     for name in args.models.split(","):
         ref = reference_img_s(name, device, args.iters, args.warmup, data_dir)
@@ -191,8 +223,14 @@ def main() -> None:
         rows.append(row)
         measured = "  ".join(f"{k} {v:8.1f}" for k, v in ours.items())
         extra = f"  {100 * row['peak_fraction']:.0f}% of peak" if peak else ""
-        print(f"{name:10s} reference {ref:8.1f} img/s | {measured} | best {best}: {row['ratio']:.2f}x{extra}", flush=True)
-    clean = json.loads(json.dumps(rows, default=float), parse_float=lambda v: round(float(v), 4) if math.isfinite(float(v)) else v)
+        print(
+            f"{name:10s} reference {ref:8.1f} img/s | {measured} | best {best}: {row['ratio']:.2f}x{extra}",
+            flush=True,
+        )
+    clean = json.loads(
+        json.dumps(rows, default=float),
+        parse_float=lambda v: round(float(v), 4) if math.isfinite(float(v)) else v,
+    )
     print(json.dumps({"models": clean, "device": name_of, "data": "cifar10" if data_dir else "synthetic"}))
 
 

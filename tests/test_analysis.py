@@ -279,3 +279,25 @@ def test_responses_landscape_lesion_and_report(trained, tmp_path) -> None:
     )
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "<table>" in page
+
+
+def test_paper_study_runs_in_parallel_processes_and_is_restartable(tmp_path) -> None:
+    """`--paper`: the twins up to 56 layers and the deeper ResNets alone, each a run directory trained
+    by its own process, summarised against Table 6; a second call reuses the finished runs."""
+    out = tmp_path / "paper"
+    argv = ["analyze", "degradation", "--paper", "--depths", "20,110", "--iters", "2", "--data", "default"]
+    argv += ["--jobs", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["plain20", "resnet20", "resnet110"]  # no plain-110
+    for m in summary["models"]:
+        run = json.loads((out / "runs" / m["name"] / "summary.json").read_text())
+        assert run["iterations"] == 2 and m["test_error"] == run["eval_err"]
+        assert "reslab: training" in (out / "runs" / m["name"] / "train.log").read_text()  # its own process
+    table = (out / "summary.md").read_text()
+    assert "| resnet20 |" in table and "| 8.75 | 8.27 |" in table and "| 6.43 | 6.32 |" in table
+    assert (out / "summary.html").exists() and (out / "degradation.png").exists()
+    stamp = (out / "runs" / "resnet20" / "last.pt").stat().st_mtime_ns
+    assert main(argv) == 0  # nothing left to train: the finished runs are reused
+    assert (out / "runs" / "resnet20" / "last.pt").stat().st_mtime_ns == stamp
+    assert main(["analyze", "degradation", "--paper", "--quick", "--out", str(tmp_path / "x")]) == 2

@@ -1,8 +1,11 @@
-"""The degradation experiment (He et al. 2015, Figs. 1 and 6).
+"""The degradation experiment (He et al. 2015, Figs. 1 and 6, and Table 6).
 
 Plain and residual twins of several depths are trained with one recipe and seed. A deeper plain
 network ends with *higher training error* (degradation, not overfitting); its residual twin does
 not. ``quick`` trains a few hundred iterations on real data, enough to show both effects on a CPU.
+``paper`` is the paper's whole CIFAR-10 study in one command: plain-20/32/44/56 and
+ResNet-20/32/44/56/110 on the paper's recipe, several runs at once (``jobs`` processes sharing
+the device), each a normal, resumable run directory, summarised against the paper's Table 6.
 """
 
 from __future__ import annotations
@@ -10,8 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from reslab.analysis.common import (
     add_common_args,
@@ -23,6 +34,7 @@ from reslab.analysis.common import (
     study_dir,
     write_summary,
 )
+from reslab.analysis.report import build_report
 from reslab.config import POSITIVE, arg_type, int_list, load_config
 from reslab.engine import fit
 from reslab.engine.rundir import read_metrics
@@ -48,6 +60,14 @@ QUICK = {
 }
 TRAIN_TAIL = 50  # final training error: the mean over the last 50 iterations
 
+# The paper's study: ResNets of these depths, plain twins up to 56 layers (Fig. 6 left).
+PAPER_DEPTHS = (20, 32, 44, 56, 110)
+PAPER_PLAIN_MAX = 56
+# Table 6, test error in %: the paper's (ResNet-110: its best of 5 runs; mean 6.61 +- 0.16) and the
+# widely used PyTorch reproduction's (akamaster/pytorch_resnet_cifar10).
+PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+REPRODUCTION_TEST_ERROR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.32}
+
 
 def twins(depth: int) -> list[tuple[str, dict[str, Any], bool]]:
     """(model name, model_args, residual) of the plain and residual networks of ``depth`` layers."""
@@ -68,6 +88,7 @@ def run(
     *,
     out: str | Path | None = None,
     quick: bool = False,
+    paper: bool = False,
     recipe: str = "cifar10_paper",
     data: str | None = None,
     data_dir: str | None = None,
@@ -75,37 +96,44 @@ def run(
     seed: int = 0,
     progress: bool = True,
     device: str = "auto",
+    jobs: int | None = None,
 ) -> dict[str, Any]:
+    """Train the twins of each depth (only the ResNet above 56 layers with ``paper``) and compare
+    them. Runs already finished are reused and interrupted ones resumed, so a study can be
+    restarted. ``jobs`` > 1 trains that many at once, as separate processes."""
+    if paper and quick:
+        raise ReslabError(
+            "--paper trains the paper's schedule; drop --quick (or drop --paper for a quick look)"
+        )
+    if paper and not (data or data_dir):
+        raise ReslabError("--paper trains on CIFAR-10: pass --data-dir DIR (class folders train/ and test/)")
+    jobs = jobs or (3 if torch.cuda.is_available() and device != "cpu" else 1)
     out = study_dir(out, "degradation")
     data_overrides = {f"data.{k}": v for k, v in data_fields(data, data_dir).items()}
-    models = []
+    runs = []
     for depth in depths:
         for name, args, residual in twins(depth):
+            if paper and not residual and depth > PAPER_PLAIN_MAX:
+                continue
             label = f"{'resnet' if residual else 'plain'}{depth}"
-            run_dir = out / "runs" / label
             overrides = {
                 **(QUICK if quick else {}),
                 **data_overrides,
                 "model": name,
                 "model_args": args,
                 "seed": seed,
-                "progress": progress,
+                "progress": progress and jobs == 1,
                 "device": device,
-                "out": str(run_dir),
+                "out": str(out / "runs" / label),
+                **({"iters": iters} if iters is not None else {}),
             }
-            if iters is not None:
-                overrides["iters"] = iters
-            if (run_dir / "summary.json").exists():
-                pass  # already trained by an earlier (interrupted) study: reuse it
-            elif (run_dir / "last.pt").exists():
-                fit(load_config(overrides={"progress": progress, "device": device}), resume=run_dir)
-            else:
-                fit(load_config(None if quick else recipe, overrides))
-            models.append(_model_row(label, depth, residual, run_dir))
+            runs.append((label, depth, residual, overrides))
+    _train(runs, None if quick else recipe, jobs, progress, device)
+    models = [_model_row(label, depth, residual, Path(o["out"])) for label, depth, residual, o in runs]
     _plot(models, out / "degradation.png")
     _write_csv(models, out / "curves.csv")
     findings = _findings(models)
-    summary = {"quick": quick, "depths": depths, "models": models, "findings": findings}
+    summary = {"quick": quick, "paper": paper, "depths": depths, "models": models, "findings": findings}
     md = [
         "# Degradation: plain vs residual networks",
         "",
@@ -123,16 +151,98 @@ def run(
         "",
         *(f"- {k}: {v}" for k, v in findings.items()),
         "",
+        *(_table6(models) if paper else []),
         "![degradation](degradation.png)",
     ]
     write_summary(out, "degradation", summary, "\n".join(md))
+    build_report([str(out)], out / "summary.html")
     return {"out": str(out), **summary}
+
+
+def _table6(models: list[dict[str, Any]]) -> list[str]:
+    """The paper's Table 6 (CIFAR-10 test error, %) beside this study's."""
+
+    def pct(v: float | None) -> str | None:
+        return None if v is None else f"{v:.2f}"
+
+    rows = []
+    for m in models:
+        ours = 100 * m["test_error"] if m["test_error"] is not None else None
+        paper = PAPER_TEST_ERROR.get(m["depth"]) if m["residual"] else None
+        rows.append(
+            {
+                "model": m["name"],
+                "ours": pct(ours),
+                "paper": pct(paper),
+                "reproduction": pct(REPRODUCTION_TEST_ERROR.get(m["depth"]) if m["residual"] else None),
+                "vs_paper": f"{ours - paper:+.2f}" if ours is not None and paper else None,
+            }
+        )
+    columns = [("model", "model"), ("ours", "test error % (reslab)"), ("paper", "paper (Table 6)")]
+    columns += [("reproduction", "PyTorch reproduction"), ("vs_paper", "reslab - paper (points)")]
+    return ["## Table 6: CIFAR-10 test error", "", md_table(rows, columns), ""]
+
+
+def _train(runs: list[tuple], recipe: str | None, jobs: int, progress: bool, device: str) -> None:
+    """Train each run that has not finished: in this process one after another, or ``jobs`` at once
+    as ``reslab train`` processes (each log in its run directory's ``train.log``)."""
+    todo = [(label, o) for label, _, _, o in runs if not (Path(o["out"]) / "summary.json").exists()]
+    if jobs == 1:
+        for _, o in todo:
+            if (Path(o["out"]) / "last.pt").exists():  # interrupted in an earlier study: resume it
+                fit(load_config(overrides={"progress": o["progress"], "device": device}), resume=o["out"])
+            else:
+                fit(load_config(recipe, o))
+        return
+    pending, running, failed = list(todo), {}, []
+    budget = {label: load_config(recipe, o) for label, o in todo}
+    total = sum(c.iters or 0 for c in budget.values())
+    bar = tqdm(
+        total=total, unit="it", desc=f"{len(todo)} runs, {jobs} at a time", disable=not progress or not total
+    )
+    while pending or running:
+        while pending and len(running) < jobs:
+            label, o = pending.pop(0)
+            running[label] = (_launch(o, recipe, device), o)
+        time.sleep(2)
+        for label, (proc, o) in list(running.items()):
+            if proc.poll() is not None:
+                del running[label]
+                if proc.returncode != 0:
+                    failed.append(f"{label} (exit {proc.returncode}; see {Path(o['out']) / 'train.log'})")
+        bar.n = sum(_last_iteration(Path(o["out"])) for _, o in todo)
+        bar.refresh()
+    bar.close()
+    if failed:
+        raise ReslabError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; rerun the study to resume them")
+
+
+def _launch(overrides: dict[str, Any], recipe: str | None, device: str) -> subprocess.Popen:
+    """``reslab train`` for one run in a process of its own (resuming it if it was interrupted)."""
+    run_dir = Path(overrides["out"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "last.pt").exists():
+        args = ["train", "--resume", str(run_dir), "--device", device, "--no-progress"]
+    else:
+        args = ["train", *(["--config", recipe] if recipe else []), "--no-progress"]
+        args += [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "progress"]
+    log = open(run_dir / "train.log", "a")  # noqa: SIM115 (the child writes to it until it ends)
+    return subprocess.Popen(
+        [sys.executable, "-m", "reslab", *args], stdout=log, stderr=subprocess.STDOUT, env=os.environ
+    )
+
+
+def _last_iteration(run_dir: Path) -> int:
+    rows = read_metrics(run_dir)
+    return rows[-1]["iteration"] if rows else 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_args(p, "degradation")
     p.add_argument(
-        "--depths", type=int_list(POSITIVE), default=[20, 56], help="comma-separated (default 20,56)"
+        "--depths",
+        type=int_list(POSITIVE),
+        help="comma-separated (default 20,56; with --paper 20,32,44,56,110)",
     )
     p.add_argument("--quick", action="store_true", help="a few hundred iterations: minutes on a CPU")
     p.add_argument(
@@ -142,10 +252,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="recipe for full runs (default cifar10_paper)",
     )
     p.add_argument("--iters", type=arg_type(int, POSITIVE), help="override the budget")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's CIFAR-10 study: plain-20..56 and ResNet-20..110 on its recipe, with Table 6",
+    )
+    p.add_argument(
+        "--jobs", type=arg_type(int, POSITIVE), help="runs trained at once (default: 3 on a GPU, 1 on CPUs)"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run_from_args(run, args, args.depths)
+    depths = args.depths or (list(PAPER_DEPTHS) if args.paper else [20, 56])
+    return run_from_args(run, args, depths)
 
 
 def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[str, Any]:
@@ -181,15 +300,19 @@ def tail_mean(rows: list[dict[str, Any]], window: int) -> float | None:
 
 
 def _findings(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figure 6's observations, checked: training error rises with depth for plain nets and not for
+    their residual twins."""
     by = {(m["depth"], m["residual"]): m for m in models}
-    depths = sorted({m["depth"] for m in models})
     found = {}
-    for shallow, deep in itertools.pairwise(depths):
-        found[f"plain{deep} trains worse than plain{shallow}"] = (
-            by[deep, False]["train_error"] > by[shallow, False]["train_error"]
-        )
-        found[f"resnet{deep} trains better than plain{deep}"] = (
-            by[deep, True]["train_error"] < by[deep, False]["train_error"]
+    for residual in (False, True):
+        kind = "resnet" if residual else "plain"
+        depths = sorted(d for d, r in by if r == residual)
+        for shallow, deep in itertools.pairwise(depths):
+            worse = by[deep, residual]["train_error"] > by[shallow, residual]["train_error"]
+            found[f"{kind}{deep} trains worse than {kind}{shallow}"] = worse
+    for depth in sorted(d for d, r in by if not r and (d, True) in by):
+        found[f"resnet{depth} trains better than plain{depth}"] = (
+            by[depth, True]["train_error"] < by[depth, False]["train_error"]
         )
     return found
 
@@ -200,7 +323,9 @@ def _plot(models: list[dict[str, Any]], path: Path) -> None:
     depths = sorted({m["depth"] for m in models})
     for ax, residual in zip(axes, (False, True)):
         for i, depth in enumerate(depths):
-            m = next(m for m in models if m["depth"] == depth and m["residual"] == residual)
+            m = next((m for m in models if m["depth"] == depth and m["residual"] == residual), None)
+            if m is None:  # the paper's study has no plain-110
+                continue
             color = f"C{i}"
             if m["curve"]["train"]:
                 x, y = zip(*m["curve"]["train"])
