@@ -157,6 +157,7 @@ class DataConfig:
     image_size: PositiveInt | None = None  # crop size for large-image folders (224)
     resize: PositiveInt | None = None  # eval resize for large-image folders (image_size * 256 / 224)
     in_memory: Switch = "auto"  # decode small images once into a uint8 tensor
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # large images: PIL in workers, or batches on the GPU
     cache_dir: str | None = None  # where decoded folders are cached (default: reslab's cache)
     limit_train: PositiveInt | None = None  # a random stratified subset of train (quick runs, tests)
     limit_test: PositiveInt | None = None

@@ -4,7 +4,9 @@ Everything callers need is importable from here; the submodules are the implemen
 """
 
 from reslab.data.build import Data, build_data, checkpoint_data, fixed_batches, has_test_split
-from reslab.data.folder import FolderLoader, image_loader, list_images
+from reslab.data.decode import BatchDecodeLoader
+from reslab.data.files import image_loader, list_images
+from reslab.data.folder import FolderLoader
 from reslab.data.loader import Loader, Placement, Uint8Normalizer
 from reslab.data.memory import TensorLoader, random_crop_flip
 from reslab.data.preprocess import (
@@ -21,6 +23,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
+    "BatchDecodeLoader",
     "Data",
     "FolderLoader",
     "ImageArrays",

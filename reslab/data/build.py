@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from reslab.config import DataConfig, build, cache_dir
+from reslab.data.decode import BatchDecodeLoader, geometry_problem, use_batch_decoding
 from reslab.data.folder import FolderLoader
 from reslab.data.loader import Loader, Placement
 from reslab.data.memory import TensorLoader
@@ -293,20 +294,31 @@ def _streaming(
     mean, std = _normalisation(cfg, preprocess, in_chans, None)
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     common = dict(channels=in_chans, workers=workers, mean=mean, std=std, place=place)
-    evaluate = imagenet_transforms(False, size, resize, interpolation)
-    return Data(
-        name=cfg.name,
-        train=FolderLoader(
+    if use_batch_decoding(cfg.decode, place.device, geometry_problem(resize, interpolation)):
+        geometry = dict(size=size, resize=resize, **common)
+        train_loader = BatchDecodeLoader(
+            train.samples, batch_size=cfg.batch_size, train=cfg.augment != "none", **geometry
+        )
+        eval_loader = BatchDecodeLoader(
+            evaluation.samples, batch_size=cfg.eval_batch_size, train=False, **geometry
+        )
+    else:  # PIL in DataLoader workers
+        evaluate = imagenet_transforms(False, size, resize, interpolation)
+        train_loader = FolderLoader(
             train.samples,
             imagenet_transforms(cfg.augment != "none", size, resize, interpolation),
             batch_size=cfg.batch_size,
             train=True,
             eval_transform=evaluate,
             **common,
-        ),
-        eval=FolderLoader(
+        )
+        eval_loader = FolderLoader(
             evaluation.samples, evaluate, batch_size=cfg.eval_batch_size, train=False, **common
-        ),
+        )
+    return Data(
+        name=cfg.name,
+        train=train_loader,
+        eval=eval_loader,
         eval_split=split,
         preprocess=Preprocess(
             (size, size), mean, std, in_chans, resize, interpolation, classes=tuple(train.classes)

@@ -7,18 +7,14 @@ same crops as an uninterrupted one. Undecodable files are skipped and reported b
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reslab.data.loader import Placement, Uint8Normalizer, shard_order, step_seed
-from reslab.data.preprocess import Preprocess, eval_transform
-from reslab.data.sources import IMG_EXTENSIONS
 from reslab.errors import ReslabError
 
 
@@ -169,56 +165,3 @@ class FolderLoader:
             if len(y) == 0:
                 continue
             yield self.normalize(x, self.place.channels_last), y.to(self.device, non_blocking=True)
-
-
-def list_images(inputs: list[str], strict: bool = False) -> list[Path]:
-    """Image files named directly or found in folders; other files in folders are reported (or, with
-    ``strict``, refused)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            others = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
-            for f in others:
-                if strict:
-                    raise ReslabError(f"{f}: not an image file (drop --strict to skip such files)")
-                print(f"reslab: skipping {f}: not an image file", file=sys.stderr)
-            files.extend(f for f in found if f.suffix.lower() in IMG_EXTENSIONS)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise ReslabError(f"{p}: no such file or folder")
-    if not files:
-        raise ReslabError(f"no images found in {', '.join(inputs)}")
-    return files
-
-
-def image_loader(
-    files: list[Path],
-    pre: Preprocess,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str | torch.device = "cpu",
-    strict: bool = False,
-    draft: bool = False,
-) -> FolderLoader:
-    """Batches of (normalised images, file indices) for a list of files, decoded by DataLoader workers.
-
-    Unreadable files are named on stderr and skipped (their indices are absent), or raise with
-    ``strict``. ``draft`` lets the JPEG decoder downscale while decoding (faster, not pixel-exact).
-    """
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    return FolderLoader(
-        [(str(f), i) for i, f in enumerate(files)],
-        eval_transform(pre),
-        batch_size=batch_size,
-        train=False,
-        channels=pre.channels,
-        workers=workers if len(files) > batch_size else 0,
-        mean=pre.mean,
-        std=pre.std,
-        place=Placement(device=torch.device(device)),
-        strict=strict,
-        draft=pre.resize if draft and pre.resize else None,
-    )
