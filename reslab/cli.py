@@ -23,6 +23,7 @@ from typing import Any
 from reslab.config import (
     POSITIVE,
     FinetuneConfig,
+    Precision,
     TrainConfig,
     arg_type,
     base_type,
@@ -309,6 +310,33 @@ def _fit_and_report(cfg: TrainConfig, resume: str | None = None, policy=None) ->
     return 0
 
 
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=choices(Precision),
+        default="auto",
+        help="inference arithmetic (auto: fp32 on CPUs; on CUDA the faster of bf16 and fp16, checked against fp32)",
+    )
+
+
+def _say_precision(chosen: dict[str, Any]) -> None:
+    """One stderr line on the precision used, when it is not plain fp32: how it was chosen and how
+    its predictions agree with fp32's."""
+    if chosen["precision"] == "fp32":
+        return
+    how = (
+        " (auto: " + ", ".join(f"{k} {v:.2f} ms" for k, v in chosen["ms_per_batch"].items()) + " per batch)"
+        if "ms_per_batch" in chosen
+        else ""
+    )
+    agree = (
+        f"; top-1 agreement with fp32 {100 * chosen['top1_agreement_with_fp32']:.1f}% on {chosen['agreement_images']} images"
+        if "top1_agreement_with_fp32" in chosen
+        else ""
+    )
+    print(f"reslab: precision {chosen['precision']}{how}{agree}", file=sys.stderr)
+
+
 def _checkpoints_arg(p: argparse.ArgumentParser, help: str = "one, or several to ensemble") -> None:
     p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT", help=help)
     p.add_argument("--model", help="architecture of bare state dicts (reslab checkpoints name their own)")
@@ -330,6 +358,7 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--tta", choices=("flip", "10crop"), help="test-time augmentation")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png")
     p.add_argument("--device", default="auto")
+    _precision_arg(p)
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
@@ -350,10 +379,12 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
             device=args.device,
             out_dir=out,
             tta=args.tta,
+            precision=args.precision,
         )
         if args.json:
             print(json.dumps(report, indent=1))
             return 0
+        _say_precision(report["precision"])
         if ensemble:
             for m in report["members"]:
                 print(f"member {m['checkpoint']} ({m['arch']}): top-1 error {_pct(m['err'])}")
@@ -382,12 +413,13 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         "--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping"
     )
     p.add_argument("--device", default="auto")
+    _precision_arg(p)
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.data import list_images
+        from reslab.data import image_loader, list_images
         from reslab.engine import resolve_device
-        from reslab.inference import load_members, predict
+        from reslab.inference import first_batch, load_members, predict
         from reslab.weights import is_checkpoint_path
 
         # `--checkpoint A.pt B.pt photo.jpg dir/`: the option takes the checkpoint files, the rest are inputs.
@@ -395,9 +427,17 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         inputs = [c for c in args.checkpoint if not is_checkpoint_path(c)] + args.inputs
         if not checkpoints or not inputs:
             raise ReslabError("usage: reslab predict --checkpoint CKPT [CKPT ...] IMAGE_OR_DIR [...]")
-        nets, ckpts, raw = load_members(checkpoints, args.model, resolve_device(args.device), args.tta)
+        device = resolve_device(args.device)
         files = list_images(inputs, args.strict)
-        results = predict(nets, ckpts[0].classes, raw, files, args.topk, strict=args.strict)
+
+        def probe(raw, _first):
+            return first_batch(image_loader(files, raw, 64, device=device, strict=args.strict))
+
+        members = load_members(
+            checkpoints, args.model, device, args.tta, precision=args.precision, probe=probe
+        )
+        _say_precision(members.precision)
+        results = predict(members, files, args.topk, strict=args.strict)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
@@ -416,11 +456,20 @@ def _embed(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.add_argument("--model", help="architecture of a bare state dict")
     p.add_argument("--device", default="auto")
+    _precision_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from reslab.embed import build_index
 
-        info = build_index(args.checkpoint, args.inputs, args.out, model=args.model, device=args.device)
+        info = build_index(
+            args.checkpoint,
+            args.inputs,
+            args.out,
+            model=args.model,
+            device=args.device,
+            precision=args.precision,
+        )
+        _say_precision(info["precision"])
         print(
             f"{info['count']} embeddings of dimension {info['dim']}: {info['embeddings']} (files: {info['files']})"
         )
@@ -469,6 +518,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         "--batch", type=_batch_arg, default="dynamic", help="dynamic (default) or a fixed batch size"
     )
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions first")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16: half-precision ONNX")
     p.add_argument("--out", metavar="FILE")
     p.add_argument("--model", help="architecture of a bare state dict")
     p.add_argument(
@@ -490,6 +540,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
             batch=args.batch,
             fold_bn=args.fold_bn,
             verify_inputs=real_inputs(ckpt, args.images, 16),
+            precision=args.precision,
         )
         if args.json:
             print(json.dumps(report, indent=1))
@@ -499,8 +550,9 @@ def _export(p: argparse.ArgumentParser) -> Handler:
                 f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
             )
             print(
-                f"verified on {report['verified_on']} real images: max abs diff {report['max_abs_diff']:.2e}, "
-                f"top-1 agreement {100 * report['top1_agreement']:.1f}%"
+                f"verified on {report['verified_on']} real images against the fp32 model"
+                + (f" with {report['verified_with']}" if "verified_with" in report else "")
+                + f": max abs diff {report['max_abs_diff']:.2e}, top-1 agreement {100 * report['top1_agreement']:.1f}%"
             )
         return 0
 
@@ -553,20 +605,21 @@ def _quantize(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-@command(
-    "bench",
-    "inference latency/throughput: torchvision vs reslab eager, channels_last+folded BN, compile, ORT",
-)
+@command("bench", "inference speed of every backend and precision, against torchvision in the same run")
 def _bench(p: argparse.ArgumentParser) -> Handler:
-    from reslab.deploy.bench import BACKENDS
+    from reslab.deploy.bench import BACKENDS, PRECISIONS
 
     p.add_argument("target", metavar="MODEL_OR_CKPT")
     p.add_argument("--batch", type=_positive_ints, default=[1, 8], help="comma-separated batch sizes")
     p.add_argument(
         "--input-size", type=arg_type(int, POSITIVE), help="square input side (default: the model's)"
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backends", help=f"comma-separated: {', '.join(BACKENDS)} (default: all that run here)")
+    p.add_argument(
+        "--precision",
+        help=f"comma-separated: {', '.join(PRECISIONS)} (default: fp32 on CPUs; fp32,bf16,fp16 on CUDA)",
+    )
     p.add_argument(
         "--min-time", type=arg_type(float, POSITIVE), default=2.0, help="seconds of timed runs per cell"
     )
@@ -575,50 +628,46 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy.bench import bench
 
+        def listed(text: str | None) -> tuple[str, ...] | None:
+            return tuple(t for t in (text or "").split(",") if t) or None
+
         say = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
         result = bench(
             args.target,
             batches=tuple(args.batch),
             input_size=args.input_size,
             device=args.device,
-            backends=tuple(b for b in args.backends.split(",") if b),
+            backends=listed(args.backends),
+            precisions=listed(args.precision),
             min_time=args.min_time,
             progress=say,
         )
         if args.json:
             print(json.dumps(result["rows"], indent=1))
             return 0
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items())
         print(
             f"{result['model']} at {'x'.join(map(str, result['input_size']))} on {result['device']} "
-            f"({result['threads']} threads); fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s; "
+            f"({result['threads']} threads); matmul peaks {peaks} GFLOP/s; "
             f"{result['gflops_per_image']:.2f} GFLOP per image"
         )
         rows = [
             {
                 **r,
                 "ips": f"{r['img_per_s']:.1f}",
-                "p50": f"{r['p50_ms']:.1f}",
-                "p90": f"{r['p90_ms']:.1f}",
+                "p50": f"{r['p50_ms']:.2f}",
+                "p90": f"{r['p90_ms']:.2f}",
                 "spread": f"{r['spread_pct']:.0f}%",
                 "gf": f"{r['gflops_per_s']:.0f}",
                 "peak": f"{100 * r['peak_fraction']:.0f}%",
+                "agree": f"{r['top1_agree']:.3f}",
                 "ratio": f"{r['vs_torchvision']:.2f}x" if r["vs_torchvision"] else "-",
             }
             for r in result["rows"]
         ]
-        columns = [
-            ("backend", "backend"),
-            ("batch", "batch"),
-            ("ips", "img/s"),
-            ("p50", "p50 ms"),
-            ("p90", "p90 ms"),
-        ]
-        columns += [
-            ("spread", "p90/p50"),
-            ("gf", "GFLOP/s"),
-            ("peak", "of peak"),
-            ("ratio", "vs torchvision"),
-        ]
+        columns = [("backend", "backend"), ("precision", "precision"), ("batch", "batch"), ("ips", "img/s")]
+        columns += [("p50", "p50 ms"), ("p90", "p90 ms"), ("spread", "p90/p50"), ("gf", "GFLOP/s")]
+        columns += [("peak", "of its peak"), ("agree", "top-1 = fp32"), ("ratio", "vs torchvision")]
         print(format_table(rows, columns))
         return 0
 

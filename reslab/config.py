@@ -94,6 +94,7 @@ SchedName = Literal["constant", "multistep", "cosine", "onecycle"]
 WarmupMode = Literal["linear", "constant"]
 Amp = Literal["auto", "none", "bf16", "fp16"]
 OnOff = Literal["auto", "on", "off"]
+Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]  # inference arithmetic
 Freeze = Annotated[str, Pattern(r"base|none|stages:\d+", "base, none or stages:N")]
 UnfreezeAt = Annotated[str, Pattern(r"\d+:\d+", "EPOCH:N (at EPOCH, unfreeze the last N stages)")]
 FrozenBN = Literal["eval", "frozen"]

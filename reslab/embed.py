@@ -6,6 +6,7 @@ An index is two files: ``NAME.npy`` (float32, one unit-length row per image) and
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,19 @@ from tqdm import tqdm
 
 from reslab.data import Preprocess, image_loader, list_images
 from reslab.engine import read_checkpoint
+from reslab.engine.device import Precise, choose_precision
 from reslab.errors import ReslabError
+
+
+class PreLogits(torch.nn.Module):
+    """A classifier's penultimate features: what an embedding is."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
 @torch.no_grad()
@@ -27,20 +40,27 @@ def embed_files(
     files: list[Path],
     batch_size: int = 64,
     progress: bool = True,
-) -> tuple[np.ndarray, list[str]]:
-    """Unit-length pre-logits features of each readable image, and the files they belong to."""
+    precision: str = "fp32",
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Unit-length pre-logits features of each readable image, the files they belong to, and the
+    precision used (``auto``: fp32 on CPUs, the faster of bf16 and fp16 on CUDA)."""
     device = next(net.parameters()).device
     chunks, kept = [], []
     loader = image_loader(files, preprocess, batch_size, device=device)
+    chosen = {"precision": precision}
+    if precision == "auto":
+        probe = next(iter(loader))[0]
+        best, how = choose_precision(lambda p: Precise(PreLogits(copy.deepcopy(net)), p), probe, device)
+        chosen = {"precision": best, "chosen_from": "auto", **how}
+    features = Precise(PreLogits(net), chosen["precision"])
     for x, idx in tqdm(
         loader, total=len(loader), unit="batch", desc="embedding", disable=not progress, leave=False
     ):
-        feats = net.forward_head(net.forward_features(x), pre_logits=True)
-        chunks.append(F.normalize(feats.float(), dim=1).cpu().numpy())
+        chunks.append(F.normalize(features(x), dim=1).cpu().numpy())
         kept.extend(str(files[i]) for i in idx.tolist())
     if not chunks:
         raise ReslabError("no image could be read")
-    return np.concatenate(chunks), kept
+    return np.concatenate(chunks), kept, chosen
 
 
 def _index_paths(path: str | Path) -> tuple[Path, Path]:
@@ -58,10 +78,13 @@ def build_index(
     model: str | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Embed every image of ``inputs`` with a checkpoint's network; write ``out`` (+ its JSON)."""
     ckpt = read_checkpoint(checkpoint, model, device)
-    emb, files = embed_files(ckpt.model, ckpt.preprocess, list_images(inputs), progress=progress)
+    emb, files, chosen = embed_files(
+        ckpt.model, ckpt.preprocess, list_images(inputs), progress=progress, precision=precision
+    )
     npy, sidecar = _index_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, emb)
@@ -71,9 +94,16 @@ def build_index(
         "arch": ckpt.arch,
         "dim": emb.shape[1],
         "model": model,
+        "precision": chosen["precision"],
     }
     sidecar.write_text(json.dumps(info, indent=1))
-    return {"embeddings": str(npy), "files": str(sidecar), "count": len(files), "dim": emb.shape[1]}
+    return {
+        "embeddings": str(npy),
+        "files": str(sidecar),
+        "count": len(files),
+        "dim": emb.shape[1],
+        "precision": chosen,
+    }
 
 
 def search(
@@ -86,7 +116,14 @@ def search(
     emb = torch.from_numpy(np.load(npy))
     info = json.loads(sidecar.read_text())
     ckpt = read_checkpoint(info["checkpoint"], info.get("model"), device)
-    q, qfiles = embed_files(ckpt.model, ckpt.preprocess, list_images(queries), progress=False)
+    # queries in the index's precision, so that similarities compare like with like
+    q, qfiles, _ = embed_files(
+        ckpt.model,
+        ckpt.preprocess,
+        list_images(queries),
+        progress=False,
+        precision=info.get("precision", "fp32"),
+    )
     sims = torch.from_numpy(q) @ emb.T
     k = min(topk, emb.shape[0])
     best = sims.topk(k, dim=1)

@@ -6,6 +6,9 @@ into inputs, and their class names label the outputs.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from torch import nn
 
 from reslab.data import Placement, Preprocess, build_data, checkpoint_data, image_loader
 from reslab.engine import Checkpoint, EvalStats, eval_report, read_checkpoint, resolve_device
+from reslab.engine.device import Precise, choose_precision
 from reslab.errors import ReslabError
 
 
@@ -82,12 +86,33 @@ def combine(log_probs: list[torch.Tensor]) -> torch.Tensor:
     return torch.logsumexp(torch.stack(log_probs), 0) - torch.log(torch.tensor(float(len(log_probs))))
 
 
+@dataclass
+class Members:
+    """Checkpoints (one, or an ensemble) ready to run: models that take [0, 1] inputs, in one
+    precision, and the preprocessing their inputs share (unnormalised: each model normalises)."""
+
+    nets: list[nn.Module]
+    ckpts: list[Checkpoint]
+    raw: Preprocess
+    precision: dict[str, Any]  # "precision", and on CUDA how it was chosen and how it agrees with fp32
+
+    @property
+    def classes(self) -> list[str]:
+        return self.ckpts[0].classes
+
+
 def load_members(
-    paths: list[str], model: str | None, device: torch.device, tta: str | None = None, pad: int = 4
-) -> tuple[list[nn.Module], list[Checkpoint], Preprocess]:
-    """Checkpoints as models that take [0, 1] inputs, the checkpoints, and the shared unnormalised
-    preprocessing. Members may differ in architecture and normalisation, not in classes or input
-    geometry."""
+    paths: list[str],
+    model: str | None,
+    device: torch.device,
+    tta: str | None = None,
+    pad: int = 4,
+    precision: str = "fp32",
+    probe: Callable[[Preprocess, Checkpoint], torch.Tensor] | None = None,
+) -> Members:
+    """Read checkpoints for inference. Members may differ in architecture and normalisation, not
+    in classes or input geometry. ``precision`` ``auto`` is chosen on ``probe(raw, first checkpoint)``,
+    a batch of real inputs, which also gives the chosen precision's top-1 agreement with fp32."""
     loaded = [read_checkpoint(p, model, device) for p in paths]
     first = loaded[0]
     for ckpt in loaded[1:]:
@@ -102,28 +127,48 @@ def load_members(
     crop = raw.crop
     if tta == "10crop" and raw.resize is not None:  # crop the ten views from the resized square
         raw = raw.replace(size=(raw.resize, raw.resize))
-    nets = [Normalized(c.model, c.preprocess.mean, c.preprocess.std).to(device).eval() for c in loaded]
+
+    def build(c: Checkpoint, p: str) -> nn.Module:
+        return Normalized(Precise(c.model, p), c.preprocess.mean, c.preprocess.std).to(device).eval()
+
+    chosen = {"precision": precision}
+    x = probe(raw, first) if probe is not None and (precision != "fp32" or device.type == "cuda") else None
+    if precision == "auto":
+        best, how = choose_precision(lambda p: build(copy.deepcopy(first), p), x, device)
+        chosen = {"precision": best, "chosen_from": "auto", **how}
+    if x is not None and chosen["precision"] != "fp32":
+        with torch.no_grad():
+            reference = build(copy.deepcopy(first), "fp32")(x).argmax(1)
+            agree = (
+                (build(copy.deepcopy(first), chosen["precision"])(x).argmax(1) == reference).float().mean()
+            )
+        chosen.update(top1_agreement_with_fp32=agree.item(), agreement_images=len(x))
+    nets = [build(c, chosen["precision"]) for c in loaded]
     if tta:
         nets = [TTA(n, tta, crop, pad if first.preprocess.resize is None else 0) for n in nets]
-    return nets, loaded, raw
+    return Members(nets, loaded, raw, chosen)
 
 
 @torch.no_grad()
+def first_batch(loader) -> torch.Tensor:
+    """The inputs of a loader's first batch (a probe for choosing a precision)."""
+    return next(iter(loader))[0]
+
+
 def predict(
-    nets: list[nn.Module],
-    classes: list[str],
-    raw: Preprocess,
+    members: Members,
     files: list[Path],
     topk: int = 5,
     batch_size: int = 64,
     strict: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image (the mean softmax over several models)."""
-    device = next(nets[0].parameters()).device
-    ensemble = Ensemble(nets).eval()
+    device = next(members.nets[0].parameters()).device
+    ensemble = Ensemble(members.nets).eval()
     results = []
+    classes = members.classes
     k = min(topk, len(classes))
-    for x, idx in image_loader(files, raw, batch_size, device=device, strict=strict):
+    for x, idx in image_loader(files, members.raw, batch_size, device=device, strict=strict):
         p, top = ensemble(x).exp().topk(k, dim=1)
         for i, pi, ti in zip(idx.tolist(), p.tolist(), top.tolist(), strict=True):
             results.append(
@@ -147,20 +192,40 @@ def evaluate_checkpoints(
     device: str = "auto",
     out_dir: Path | None = None,
     tta: str | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate one checkpoint, or an ensemble of several, on the test split of the data they were
-    trained on (or of ``data``/``data_dir``). Each member is scored too, in the same pass."""
+    trained on (or of ``data``/``data_dir``). Each member is scored too, in the same pass.
+    ``precision``: fp32, tf32, bf16, fp16, or auto (fp32 on CPUs; the faster of bf16 and fp16 on CUDA)."""
     dev = resolve_device(device)
-    nets, ckpts, raw = load_members(paths, model, dev, tta, pad=4)
-    cfg, seed = checkpoint_data(ckpts[0].config, data=data, data_dir=data_dir, source=str(paths[0]))
-    classes = ckpts[0].classes
-    d = build_data(
-        cfg, place=Placement(dev, seed=seed), channels=raw.channels, preprocess=raw, progress=False
+    built: dict[str, Any] = {}
+
+    def eval_data(raw: Preprocess, first: Checkpoint) -> Any:
+        if not built:
+            cfg, seed = checkpoint_data(first.config, data=data, data_dir=data_dir, source=str(paths[0]))
+            place = Placement(dev, seed=seed)
+            built.update(
+                cfg=cfg,
+                data=build_data(cfg, place=place, channels=raw.channels, preprocess=raw, progress=False),
+            )
+        return built["data"]
+
+    members = load_members(
+        paths,
+        model,
+        dev,
+        tta,
+        pad=4,
+        precision=precision,
+        probe=lambda raw, first: first_batch(eval_data(raw, first).eval),
     )
+    ckpts, classes = members.ckpts, members.classes
+    d = eval_data(members.raw, ckpts[0])
+    cfg = built["cfg"]
     if len(d.classes) != len(classes):
         raise ReslabError(f"{paths[0]} predicts {len(classes)} classes but {cfg.name} has {len(d.classes)}")
-    ensemble = Ensemble(nets).eval()
-    member_stats = [EvalStats(dev) for _ in nets]
+    ensemble = Ensemble(members.nets).eval()
+    member_stats = [EvalStats(dev) for _ in members.nets]
     stats = EvalStats(dev)
     for x, y in d.eval:
         outs = ensemble.member_log_probs(x)
@@ -171,7 +236,7 @@ def evaluate_checkpoints(
     names = " + ".join(c.arch for c in ckpts)
     title = f"{names} on {cfg.name} {d.eval_split}{f' ({tta} TTA)' if tta else ''}: {100 * result['err']:.2f}% error"
     report = eval_report(result, classes, out_dir, title)
-    members = [
+    scores = [
         {"checkpoint": c.path, "arch": c.arch, **{k: v for k, v in s.result().items() if k != "confusion"}}
         for c, s in zip(ckpts, member_stats, strict=True)
     ]
@@ -182,5 +247,6 @@ def evaluate_checkpoints(
         "split": d.eval_split,
         "tta": tta,
         **report,
-        "members": members,
+        "precision": members.precision,
+        "members": scores,
     }

@@ -1,13 +1,16 @@
-"""Inference benchmarks: every backend measured in the same run, against torchvision eager.
+"""Inference benchmarks: every backend and precision measured in the same run, against torchvision.
 
-Each (backend, batch) cell is warmed up, then run repeatedly for a minimum time; latencies give
-p50/p90 and the spread, throughput is images per second at the median latency, and the work
-done (multiply-adds counted by running the model) gives GFLOP/s as a fraction of this machine's
-measured fp32 matrix-multiply peak.
+Each (backend, precision, batch) cell is warmed up, then run repeatedly for a minimum time;
+latencies give p50/p90 and the spread, throughput is images per second at the median latency,
+and the work done (multiply-adds counted by running the model) gives GFLOP/s as a fraction of
+this machine's measured matrix-multiply peak *in the precision the cell used* (fp32, TF32, bf16
+or fp16: GPUs run them at very different speeds). Every cell's top-1 agrees with fp32 eager on the
+same inputs, and the agreement is reported.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -25,10 +28,21 @@ from reslab.deploy.fold import fold_batchnorm
 from reslab.deploy.quantize import quantize_onnx
 from reslab.deploy.timing import latency, matmul_peak, time_calls
 from reslab.engine import read_checkpoint, resolve_device
+from reslab.engine.device import DTYPES, Precise, set_tf32, synchronize
 from reslab.errors import ReslabError
 from reslab.models import create_model, get_model_entry
 
-BACKENDS = ("torchvision", "reslab", "reslab-cl-fold", "reslab-compile", "ort-fp32", "ort-int8")
+BACKENDS = (
+    "torchvision",
+    "reslab",
+    "reslab-cl-fold",
+    "reslab-compile",
+    "reslab-graph",
+    "ort-fp32",
+    "ort-int8",
+)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+GRAPH_MAX_BATCH = 8  # CUDA graphs matter where launches dominate: small batches
 
 
 def _torchvision_builder(name: str) -> Callable[[], nn.Module] | None:
@@ -39,25 +53,52 @@ def _torchvision_builder(name: str) -> Callable[[], nn.Module] | None:
     return None
 
 
+def default_backends(device: torch.device) -> tuple[str, ...]:
+    """Every backend that runs on ``device``: ONNX Runtime on CPUs, CUDA graphs on CUDA."""
+    extra = {"cpu": ("ort-fp32", "ort-int8"), "cuda": ("reslab-graph",)}.get(device.type, ())
+    return ("torchvision", "reslab", "reslab-cl-fold", "reslab-compile", *extra)
+
+
+def default_precisions(device: torch.device) -> tuple[str, ...]:
+    return ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32",)
+
+
+def _unavailable(name: str, device: torch.device, backends: tuple[str, ...]) -> dict[str, str]:
+    """Backends asked for that cannot run here, and why."""
+    reasons = {
+        "torchvision": f"torchvision has no {name}" if _torchvision_builder(name) is None else None,
+        "ort-fp32": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
+        "ort-int8": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
+        "reslab-graph": "CUDA graphs need a CUDA device" if device.type != "cuda" else None,
+    }
+    return {b: reasons[b] for b in backends if reasons.get(b)}
+
+
 def bench(
     target: str,
     *,
     batches: tuple[int, ...] = (1, 8),
     input_size: int | None = None,
-    device: str = "cpu",
-    backends: tuple[str, ...] = BACKENDS,
+    device: str = "auto",
+    backends: tuple[str, ...] | None = None,
+    precisions: tuple[str, ...] | None = None,
     min_time: float = 2.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark a registered model name or a checkpoint; returns the peak and a list of rows.
+    """Benchmark a registered model name or a checkpoint; returns the peaks and a list of rows.
 
-    A backend that cannot run here (torchvision lacks the model; ONNX Runtime off the CPU) is left
-    out with a warning, and refused when nothing else was asked for.
+    A backend that cannot run here (torchvision lacks the model; ONNX Runtime off the CPU; CUDA
+    graphs off CUDA) is left out with a warning, and refused when nothing else was asked for.
+    Torchvision is the fp32 reference; ONNX Runtime rows are fp32 and int8 whatever ``precisions``.
     """
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ReslabError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     dev = resolve_device(device)
+    backends = backends or default_backends(dev)
+    precisions = precisions or default_precisions(dev)
+    unknown = [b for b in backends if b not in BACKENDS] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ReslabError(
+            f"unknown backend(s)/precision(s) {unknown}; backends {', '.join(BACKENDS)}; precisions {', '.join(PRECISIONS)}"
+        )
     if Path(target).is_file():
         ckpt = read_checkpoint(target, device="cpu")
         model, name = ckpt.model, ckpt.arch
@@ -68,15 +109,7 @@ def bench(
     size = tuple(spec.input_size)
     if input_size:
         size = (*size[:-2], input_size, input_size)
-    unavailable = {
-        b: reason
-        for b, reason in (
-            ("torchvision", f"torchvision has no {name}"),
-            ("ort-fp32", "ONNX Runtime is measured on the CPU only"),
-            ("ort-int8", "ONNX Runtime is measured on the CPU only"),
-        )
-        if b in backends and (_torchvision_builder(name) is None if b == "torchvision" else dev.type != "cpu")
-    }
+    unavailable = _unavailable(name, dev, backends)
     if unavailable and set(backends) <= set(unavailable):
         raise ReslabError(
             f"--backends {','.join(backends)}: {'; '.join(unavailable.values())}; choose others"
@@ -84,88 +117,127 @@ def bench(
     for backend, reason in unavailable.items():
         warnings.warn(f"{reason}: the {backend} rows are left out", stacklevel=2)
     backends = tuple(b for b in backends if b not in unavailable)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    sync = (lambda: synchronize(dev)) if dev.type == "cuda" else None
     say = progress or (lambda _msg: None)
-    say("measuring the fp32 matmul peak")
-    peak = matmul_peak(1.5 * min_time, device=dev)
+    peaks = {}
+    for p in sorted({*precisions, "fp32"}):
+        say(f"measuring the {p} matmul peak")
+        set_tf32(p == "tf32")
+        peaks[p] = matmul_peak(1.5 * min_time, device=dev, dtype=DTYPES[p])
     with torch.device("meta"):
         macs_per_image = count_macs(
             create_model(name, num_classes=model.num_classes).eval(), (1, model.in_chans, *size)
         )
     model = model.to(dev).eval()
+    layout = torch.channels_last if spec.ndim == 2 else torch.channels_last_3d
+    fast = fold_batchnorm(model).to(memory_format=layout)
+    runners = _runners(name, model, fast, backends, precisions, dev, size, say)
     rows: list[dict[str, Any]] = []
-    tv = _torchvision_builder(name)() if "torchvision" in backends else None
-    if tv is not None:
-        tv.load_state_dict(model.state_dict())  # the same weights: outputs are compared below
-        tv = tv.to(dev).eval()
-    fast = fold_batchnorm(model).to(
-        memory_format=torch.channels_last if spec.ndim == 2 else torch.channels_last_3d
-    )
-    compiled = None
-    tmp = tempfile.TemporaryDirectory()
-    onnx_fp32 = onnx_int8 = None
-    for bs in batches:
-        x = torch.randn(bs, model.in_chans, *size, device=dev)
-        x_cl = x.contiguous(memory_format=torch.channels_last if spec.ndim == 2 else torch.channels_last_3d)
-        with torch.no_grad():
-            reference = model(x)
-        runners: dict[str, Callable[[], Any]] = {}
-        if tv is not None:
-            runners["torchvision"] = lambda tv=tv, x=x: tv(x)
-        if "reslab" in backends:
-            runners["reslab"] = lambda x=x: model(x)
-        if "reslab-cl-fold" in backends:
-            runners["reslab-cl-fold"] = lambda x=x_cl: fast(x)
-        if "reslab-compile" in backends:
-            if compiled is None:
-                say("compiling (torch.compile, inductor with frozen weights)")
-                compiled = _compile(fast)
-            runners["reslab-compile"] = lambda x=x_cl, fn=compiled: fn(x)
-        if dev.type == "cpu" and ("ort-fp32" in backends or "ort-int8" in backends):
-            if onnx_fp32 is None:
-                say("exporting ONNX")
-                onnx_fp32 = Path(tmp.name) / "model.onnx"
-                example = torch.randn(2, model.in_chans, *size, device=dev)  # a dynamic batch needs >= 2
-                write_onnx(fast, example, onnx_fp32, True, {"arch": name})
-            if "ort-fp32" in backends:
-                runners["ort-fp32"] = _ort_runner(onnx_fp32, x)
-            if "ort-int8" in backends:
-                if onnx_int8 is None:
-                    say("quantizing to int8 (random calibration inputs: speed only)")
-                    onnx_int8 = quantize_onnx(
-                        onnx_fp32, Path(tmp.name) / "model.int8.onnx", torch.randn(32, model.in_chans, *size)
-                    )
-                runners["ort-int8"] = _ort_runner(onnx_int8, x)
-        for backend, fn in runners.items():
-            say(f"{backend} batch {bs}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for bs in batches:
+            x = torch.randn(bs, model.in_chans, *size, device=dev)
             with torch.no_grad():
-                out = torch.as_tensor(fn()).to(reference.device)
-                cell = latency(time_calls(fn, min_time, sync=sync), bs)
-            gflops = 2 * macs_per_image * cell["img_per_s"] / 1e9
-            agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
-            rows.append(
-                {
-                    "backend": backend,
-                    "batch": bs,
-                    **cell,
-                    "gflops_per_s": gflops,
-                    "peak_fraction": gflops / peak,
-                    "top1_agree": agree,
-                }
-            )
-    tmp.cleanup()
+                set_tf32(False)
+                reference = model(x).argmax(1)
+            for (backend, precision), make in runners.items():
+                if backend == "reslab-graph" and bs > GRAPH_MAX_BATCH:
+                    continue
+                say(f"{backend} {precision} batch {bs}")
+                set_tf32(precision == "tf32")
+                with torch.no_grad():
+                    fn = make(x, Path(tmp))
+                    out = torch.as_tensor(fn()).to(dev)
+                    cell = latency(time_calls(fn, min_time, sync=sync), bs)
+                gflops = 2 * macs_per_image * cell["img_per_s"] / 1e9
+                peak = peaks.get(precision if not backend.startswith("ort") else "fp32", peaks["fp32"])
+                rows.append(
+                    {
+                        "backend": backend,
+                        "precision": precision,
+                        "batch": bs,
+                        **cell,
+                        "gflops_per_s": gflops,
+                        "peak_fraction": gflops / peak,
+                        "top1_agree": (out.float().argmax(1) == reference).float().mean().item(),
+                    }
+                )
+    set_tf32(False)
     for row in rows:
         ref = next((r for r in rows if r["backend"] == "torchvision" and r["batch"] == row["batch"]), None)
         row["vs_torchvision"] = row["img_per_s"] / ref["img_per_s"] if ref else None
     return {
         "model": name,
         "input_size": list(size),
-        "device": device,
+        "device": str(dev),
         "threads": torch.get_num_threads(),
-        "peak_gflops": peak,
+        "peak_gflops": peaks,
         "gflops_per_image": 2 * macs_per_image / 1e9,
         "rows": rows,
     }
+
+
+def _runners(name, model, fast, backends, precisions, dev, size, say) -> dict[tuple[str, str], Callable]:
+    """For each (backend, precision): a function of (inputs, a temporary folder) returning the
+    call to time. Models are built (and compiled) once and reused for every batch size."""
+    runners: dict[tuple[str, str], Callable] = {}
+    if "torchvision" in backends:
+        tv = _torchvision_builder(name)()
+        tv.load_state_dict(model.state_dict())  # the same weights: outputs are compared
+        tv = tv.to(dev).eval()
+        runners["torchvision", "fp32"] = lambda x, _t: lambda: tv(x)
+    for precision in precisions:
+        if "reslab" in backends:
+            eager = Precise(copy.deepcopy(model), precision) if precision != "fp32" else model
+            runners["reslab", precision] = lambda x, _t, m=eager: lambda: m(x)
+        if "reslab-cl-fold" in backends:
+            folded = Precise(copy.deepcopy(fast), precision)
+            runners["reslab-cl-fold", precision] = lambda x, _t, m=folded: lambda: m(x)
+        if "reslab-compile" in backends:
+            compiled = _Lazy(lambda p=precision: _compile(Precise(copy.deepcopy(fast), p)), say, "compiling")
+            runners["reslab-compile", precision] = lambda x, _t, m=compiled: lambda: m(x)
+        if "reslab-graph" in backends:
+            graphed = _Lazy(
+                lambda p=precision: _compile(Precise(copy.deepcopy(fast), p), "reduce-overhead"),
+                say,
+                "compiling with CUDA graphs",
+            )
+            runners["reslab-graph", precision] = lambda x, _t, m=graphed: lambda: m(x).clone()
+    for backend in ("ort-fp32", "ort-int8"):
+        if backend in backends:
+            runners[backend, backend[4:]] = lambda x, tmp, b=backend: _ort_runner(
+                _onnx(fast, x, tmp, b == "ort-int8", name, say), x
+            )
+    return runners
+
+
+class _Lazy:
+    """A model built on first use (compiling takes a while: only for the cells that run)."""
+
+    def __init__(self, build: Callable[[], Any], say: Callable[[str], None], message: str) -> None:
+        self.build, self.say, self.message, self.model = build, say, message, None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.model is None:
+            if self.message:
+                self.say(self.message)
+            self.model = self.build()
+        return self.model(*args)
+
+
+def _onnx(fast: nn.Module, x: torch.Tensor, tmp: Path, int8: bool, name: str, say) -> Path:
+    """The model exported to ONNX (fp32), and quantized to int8 if asked, once per run."""
+    fp32 = tmp / "model.onnx"
+    if not fp32.exists():
+        say("exporting ONNX")
+        example = torch.randn(2, *x.shape[1:], device=x.device)  # a dynamic batch needs >= 2
+        write_onnx(fast, example, fp32, True, {"arch": name})
+    if not int8:
+        return fp32
+    quantized = tmp / "model.int8.onnx"
+    if not quantized.exists():
+        say("quantizing to int8 (random calibration inputs: speed only)")
+        quantize_onnx(fp32, quantized, torch.randn(32, *x.shape[1:]))
+    return quantized
 
 
 def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:
@@ -174,7 +246,8 @@ def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:
     return lambda: torch.from_numpy(session.run(None, feed)[0])
 
 
-def _compile(model: nn.Module) -> Callable:
-    """torch.compile for inference: inductor with frozen (constant-folded, pre-packed) weights."""
+def _compile(model: nn.Module, mode: str | None = None) -> Callable:
+    """torch.compile for inference: inductor with frozen (constant-folded, pre-packed) weights;
+    ``reduce-overhead`` also replays the compiled model as a CUDA graph."""
     inductor_config.freezing = True
-    return torch.compile(model)
+    return torch.compile(model, mode=mode)

@@ -7,6 +7,7 @@ metadata, an extra file inside TorchScript/``.pt2`` archives, and a JSON sidecar
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -24,7 +25,14 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"
 OPSET = 18
 
 
-def _metadata(ckpt: Checkpoint, fmt: str, batch: str | int, folded: bool) -> dict[str, Any]:
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# How far an export may stray from the PyTorch model, relative to the largest logit: float32
+# rounding, or half precision's 11 significant bits through a deep network.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+def _metadata(ckpt: Checkpoint, fmt: str, batch: str | int, folded: bool, precision: str) -> dict[str, Any]:
+    dtype = "float16" if precision == "fp16" else "float32"
     return {
         "arch": ckpt.arch,
         "classes": ckpt.classes,
@@ -32,7 +40,8 @@ def _metadata(ckpt: Checkpoint, fmt: str, batch: str | int, folded: bool) -> dic
         "format": fmt,
         "batch": batch,
         "folded_bn": folded,
-        "input": "float32 NCHW, preprocessed as 'preprocess' says",
+        "precision": precision,
+        "input": f"{dtype} NCHW, preprocessed as 'preprocess' says",
     }
 
 
@@ -63,7 +72,9 @@ def write_onnx(
     onnx.save(proto, str(path))
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
+def ort_session(path: str | os.PathLike, threads: int | None = None, gpu: bool = False):
+    """An ONNX Runtime session with every graph optimisation (on its CUDA provider if ``gpu`` and
+    this ONNX Runtime has one)."""
     import onnxruntime as ort  # only when an ONNX file is run: a deployment dependency
 
     opts = ort.SessionOptions()
@@ -71,14 +82,18 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
-    """Run an exported file the way a deployment would load it."""
+    """Run an exported file the way a deployment would load it (half-precision ONNX on ONNX
+    Runtime's CUDA provider where it has one)."""
     if fmt == "onnx":
-        session = ort_session(path)
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        session = ort_session(path, gpu=x.dtype == torch.float16)
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]).float()
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,21 +109,26 @@ def export_model(
     batch: str | int = "dynamic",
     fold_bn: bool = False,
     verify_inputs: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Write a checkpoint's model in ``fmt`` to ``out`` (+ ``out.json``) and verify it on
-    ``verify_inputs``."""
+    ``verify_inputs`` against the fp32 PyTorch model. ``precision`` fp16 writes half-precision
+    ONNX (weights and inputs), verified with ONNX Runtime (its CUDA provider where available)."""
     if fmt not in FORMATS:
         raise ReslabError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS or (precision != "fp32" and fmt != "onnx"):
+        raise ReslabError(f"--precision {precision}: fp32 for every format, fp16 for onnx")
+    dtype = PRECISIONS[precision]
     dynamic = batch == "dynamic"
     if not dynamic and (not isinstance(batch, int) or batch < 1):
         raise ReslabError(f"--batch {batch!r}: 'dynamic' or a positive number")
-    model = ckpt.model.eval().cpu()
-    deployed = fold_batchnorm(model) if fold_bn else model
+    model = ckpt.model.eval().cpu().float()
+    deployed = (fold_batchnorm(model) if fold_bn else copy.deepcopy(model)).to(dtype)
     shape = (2 if dynamic else batch, ckpt.preprocess.channels, *ckpt.preprocess.size)
-    example = torch.randn(shape)
+    example = torch.randn(shape, dtype=dtype)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = _metadata(ckpt, fmt, batch, fold_bn)
+    metadata = _metadata(ckpt, fmt, batch, fold_bn, precision)
     try:
         with torch.no_grad():
             if fmt == "onnx":
@@ -134,6 +154,7 @@ def export_model(
         "bytes": path.stat().st_size,
         "batch": batch,
         "folded_bn": fold_bn,
+        "precision": precision,
     }
     if verify_inputs is not None:
         x = verify_inputs.cpu() if dynamic else verify_inputs[:batch].cpu()
@@ -141,12 +162,15 @@ def export_model(
             x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.ndim - 1))[:batch]
         with torch.no_grad():
             ref = model(x)
-            got = run_exported(path, fmt, x)
+            got = run_exported(path, fmt, x.to(dtype))
         diff = (got - ref).abs().max().item()
         agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
-        tol = 1e-3 * max(1.0, ref.abs().max().item())
+        tol = TOLERANCE[precision] * max(1.0, ref.abs().max().item())
         report.update(verified_on=len(x), max_abs_diff=diff, top1_agreement=agree, tolerance=tol)
-        if not diff <= tol or agree < 1.0:
+        if fmt == "onnx":
+            report["verified_with"] = ort_session(path, gpu=dtype == torch.float16).get_providers()[0]
+        # in half precision two near-tied logits may swap: the tolerance is the test there
+        if not diff <= tol or (precision == "fp32" and agree < 1.0):
             raise ReslabError(
                 f"{path}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
                 f"top-1 agreement {100 * agree:.1f}% on {len(x)} images"
