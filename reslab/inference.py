@@ -27,12 +27,13 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = model
-        shape = (1, len(mean)) + (1,) * ((getattr(model, "spec", None) and model.spec.ndim) or 2)
-        self.register_buffer("mean", torch.tensor(mean).view(shape), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(shape), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        # Channels are dim 1 for images (N, C, H, W) and clips (N, C, T, H, W) alike.
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return self.model((x - self.mean.view(shape)) / self.std.view(shape))
 
 
 class TTA(nn.Module):
