@@ -17,17 +17,16 @@ pipeline", gives the measured differences).
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Iterator
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode
 
-from reslab.data.folder import SeededSampler
-from reslab.data.loader import Placement, Uint8Normalizer
+from reslab.data.folder import FileLoader
+from reslab.data.loader import Placement
 from reslab.errors import ReslabError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -284,7 +283,7 @@ def _as_list(batch: list) -> list:
     return batch
 
 
-class BatchDecodeLoader:
+class BatchDecodeLoader(FileLoader):
     """Files read by DataLoader workers, decoded and transformed a batch at a time on the device:
     the :class:`Loader` of large-image folders when ``data.decode`` is ``gpu``.
 
@@ -308,45 +307,12 @@ class BatchDecodeLoader:
         strict: bool = False,
     ) -> None:
         place = place or Placement()
-        self._args = dict(
+        eval_args = dict(
             samples=samples, batch_size=batch_size, size=size, resize=resize, channels=channels,
             workers=workers, mean=mean, std=std, place=place, strict=strict,
         )  # fmt: skip
-        self.device, self.place = place.device, place
-        self.train, self.batch_size, self.strict = train, batch_size, strict
+        super().__init__(eval_args, FileBytes(samples), _as_list, train=train)
         self.size, self.resize, self.channels = size, resize, channels
-        self.normalize = Uint8Normalizer(mean, std, 4, self.device)
-        self.sampler = SeededSampler(len(samples), shuffle=train, place=place)
-        self.loader = DataLoader(
-            FileBytes(samples),
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=_as_list,
-            drop_last=train,
-            persistent_workers=workers > 0,
-        )
-        self.skipped: list[str] = []
-
-    def as_eval(self, batch_size: int | None = None) -> BatchDecodeLoader:
-        return BatchDecodeLoader(**{**self._args, "batch_size": batch_size or self.batch_size}, train=False)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.sampler.indices())
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_sample)
-
-    def _skip(self, message: str) -> None:
-        if self.strict:
-            raise ReslabError(f"unreadable image {message} (drop --strict to skip such files)")
-        print(f"reslab: skipping {message}", file=sys.stderr)
-        self.skipped.append(message)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.loader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from typing import Self
 
 import torch
 from PIL import Image
@@ -88,7 +89,59 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]
     return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.int64), skipped
 
 
-class FolderLoader:
+class FileLoader:
+    """What both file loaders share: a :class:`SeededSampler` over the samples feeding DataLoader
+    workers, their lengths, the evaluation twin, and naming unreadable files on stderr and in
+    ``skipped`` (or refusing them with ``strict``).
+
+    ``eval_args``: the keyword arguments that build this loader's evaluation twin (every argument
+    but ``train``), including ``place``, ``batch_size``, ``workers``, ``mean``, ``std``, ``strict``.
+    """
+
+    def __init__(
+        self, eval_args: dict, dataset: Dataset, collate_fn, *, train: bool, pin_memory: bool = False
+    ) -> None:
+        self._eval_args = eval_args
+        place, workers = eval_args["place"], eval_args["workers"]
+        self.device, self.place, self.train = place.device, place, train
+        self.batch_size, self.strict = eval_args["batch_size"], eval_args["strict"]
+        self.normalize = Uint8Normalizer(eval_args["mean"], eval_args["std"], 4, self.device)
+        self.sampler = SeededSampler(len(dataset), shuffle=train, place=place)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=collate_fn,
+            drop_last=train,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+        )
+        self.skipped: list[str] = []
+
+    def as_eval(self, batch_size: int | None = None) -> Self:
+        """The same files in their natural order, every one, with the evaluation transform."""
+        return type(self)(**{**self._eval_args, "batch_size": batch_size or self.batch_size}, train=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sampler.indices())
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_sample)
+
+    def _skip(self, message: str) -> None:
+        if self.strict:
+            raise ReslabError(f"unreadable image {message} (drop --strict to skip such files)")
+        print(f"reslab: skipping {message}", file=sys.stderr)
+        self.skipped.append(message)
+
+
+class FolderLoader(FileLoader):
     """A DataLoader over image files with the same interface as :class:`TensorLoader`.
 
     Workers decode and crop to uint8; batches are normalised on the device. Unreadable files are
@@ -112,56 +165,23 @@ class FolderLoader:
         eval_transform=None,
     ) -> None:
         place = place or Placement()
-        self._args = dict(
-            samples=samples,
-            transform=eval_transform or transform,
-            batch_size=batch_size,
-            channels=channels,
-            workers=workers,
-            mean=mean,
-            std=std,
-            place=place,
-            strict=strict,
+        eval_args = dict(
+            samples=samples, transform=eval_transform or transform, batch_size=batch_size,
+            channels=channels, workers=workers, mean=mean, std=std, place=place, strict=strict,
             draft=draft,
-        )
-        self.device, self.place = place.device, place
-        self.train, self.batch_size, self.strict = train, batch_size, strict
-        self.normalize = Uint8Normalizer(mean, std, 4, self.device)
-        self.sampler = SeededSampler(len(samples), shuffle=train, place=place)
-        self.loader = DataLoader(
+        )  # fmt: skip
+        super().__init__(
+            eval_args,
             ImageFiles(samples, transform, channels, draft),
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=collate_skipping,
-            drop_last=train,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
+            collate_skipping,
+            train=train,
+            pin_memory=place.device.type == "cuda",
         )
-        self.skipped: list[str] = []
-
-    def as_eval(self, batch_size: int | None = None) -> FolderLoader:
-        """The same images in their natural order, every one, with the evaluation transform."""
-        return FolderLoader(**{**self._args, "batch_size": batch_size or self.batch_size}, train=False)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.sampler.indices())
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, skipped in self.loader:
             for msg in skipped:
-                if self.strict:
-                    raise ReslabError(f"unreadable image {msg} (drop --strict to skip such files)")
-                print(f"reslab: skipping {msg}", file=sys.stderr)
-            self.skipped.extend(skipped)
+                self._skip(msg)
             if len(y) == 0:
                 continue
             yield self.normalize(x, self.place.channels_last), y.to(self.device, non_blocking=True)
