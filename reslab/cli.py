@@ -157,7 +157,10 @@ def _models(p: argparse.ArgumentParser) -> Handler:
         names = list_models(args.pattern)
         if not names:
             raise ReslabError(f"no model matches {args.pattern!r} (`reslab models` lists them all)")
-        stats = [model_stats(n) for n in names]
+        from tqdm import tqdm
+
+        # Counting is cached; a fresh cache takes about a minute for the whole registry.
+        stats = [model_stats(n) for n in tqdm(names, desc="counting", leave=False, disable=None)]
         if args.json:
             print(json.dumps(stats, indent=1))
             return 0

@@ -64,13 +64,6 @@ def test_evaluation_counts_every_sample_once() -> None:
 
 def test_two_process_training_then_resume_with_one(tmp_path) -> None:
     base = ["-m", "reslab", "train", "--no-progress", "--epochs", "3", "--device", "cpu"]
-    single = subprocess.run(
-        [sys.executable, *base, "--out", str(tmp_path / "one"), *TINY],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr
     # Two processes, each given a real Ctrl-C at iteration 12 (as a terminal sends it to the whole
     # process group), mid-run: 16 iterations per epoch.
     proc = torchrun(2, *base, "--out", str(tmp_path / "two"), *TINY, "log_every=1", env={SIGINT_AT: "12"})
@@ -88,10 +81,11 @@ def test_two_process_training_then_resume_with_one(tmp_path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world"] == 1 and two["epochs"] == 3
-    # Converges like the single-process run (same per-device batch, twice the global batch).
-    assert one["eval_err"] < 0.5 and two["eval_err"] < 0.5
+    # Learns (10 digits: chance is 90% error); that two processes take one process's step with
+    # twice the batch is checked exactly above.
+    assert two["eval_err"] < 0.5
     rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
