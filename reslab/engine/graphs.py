@@ -19,12 +19,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reslab.config import TrainConfig
-from reslab.engine import distributed as dist
-from reslab.engine.device import autocast
 from reslab.engine.train import EMA, TrainStep
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy initialisations, cuDNN choices)
@@ -148,20 +145,13 @@ class CapturedStep(TrainStep):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One training step on ``x, y`` with no host synchronisation: the part that is captured."""
-        cfg = self.cfg
-        with autocast(self.device, cfg.amp):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        logits, loss = self.forward(x, y)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
         self._update()
-        if self.ema is not None:
-            self.ema.update(dist.unwrap(self.model))
-        with torch.no_grad():
-            self.sums[0] += loss.detach().double() * len(y)
-            self.sums[1] += (logits.argmax(1) != y).sum()
+        self.after_update(logits, loss, y)
 
     @torch.no_grad()
     def _update(self) -> None:

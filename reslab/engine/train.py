@@ -108,9 +108,7 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         cfg, opt, scaler = self.cfg, self.optimizer, self.scaler
-        with autocast(self.device, cfg.amp):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        logits, loss = self.forward(x, y)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -124,11 +122,21 @@ class TrainStep:
             scaler.update()
         else:
             opt.step()
+        self.after_update(logits, loss, y)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and loss of a batch, under the run's autocast."""
+        with autocast(self.device, self.cfg.amp):
+            logits = self.model(x)
+            return logits, F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+
+    @torch.no_grad()
+    def after_update(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> None:
+        """EMA update and the running loss/error sums, on the device."""
         if self.ema is not None:
             self.ema.update(dist.unwrap(self.model))
-        with torch.no_grad():
-            self.sums[0] += loss.detach().double() * len(y)
-            self.sums[1] += (logits.argmax(1) != y).sum()
+        self.sums[0] += loss.detach().double() * len(y)
+        self.sums[1] += (logits.argmax(1) != y).sum()
 
 
 class Stop:
