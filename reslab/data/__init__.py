@@ -3,19 +3,18 @@
 Everything callers need is importable from here; the submodules are the implementation.
 """
 
+from reslab.data.batched import BatchDecodeLoader, choose_decode
 from reslab.data.build import Data, build_data, checkpoint_data, fixed_batches, has_test_split
-from reslab.data.decode import BatchDecodeLoader
+from reslab.data.decode import Geometry
 from reslab.data.files import image_loader, list_images
 from reslab.data.folder import FolderLoader
-from reslab.data.loader import Loader, Placement, Uint8Normalizer
+from reslab.data.loader import Loader, Placement, Uint8Normalizer, default_workers, in_background
 from reslab.data.memory import TensorLoader, random_crop_flip
 from reslab.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocess,
     default_preprocess,
-    eval_transform,
-    imagenet_transforms,
 )
 from reslab.data.sources import IMG_EXTENSIONS, ImageArrays, find_splits
 
@@ -26,6 +25,7 @@ __all__ = [
     "BatchDecodeLoader",
     "Data",
     "FolderLoader",
+    "Geometry",
     "ImageArrays",
     "Loader",
     "Placement",
@@ -34,13 +34,14 @@ __all__ = [
     "Uint8Normalizer",
     "build_data",
     "checkpoint_data",
+    "choose_decode",
     "default_preprocess",
-    "eval_transform",
+    "default_workers",
     "find_splits",
     "fixed_batches",
     "has_test_split",
     "image_loader",
-    "imagenet_transforms",
+    "in_background",
     "list_images",
     "random_crop_flip",
 ]

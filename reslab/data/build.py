@@ -2,7 +2,9 @@
 
 Small images (the embedded sample, MNIST, CIFAR, folders of small images, clips) are decoded once
 into uint8 tensors and batched from memory (:class:`TensorLoader`); folders of large images stream
-through DataLoader workers (:class:`FolderLoader`). Both share the :class:`Loader` interface.
+from their files, decoded by DataLoader workers (:class:`FolderLoader`) or a batch at a time on
+the GPU (:class:`BatchDecodeLoader`), as ``data.decode`` says. All share the :class:`Loader`
+interface.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 import torch
 
 from reslab.config import DataConfig, build, cache_dir
-from reslab.data.decode import BatchDecodeLoader, geometry_problem, use_batch_decoding
+from reslab.data.batched import BatchDecodeLoader, choose_decode
 from reslab.data.folder import FolderLoader
-from reslab.data.loader import Loader, Placement
+from reslab.data.loader import Loader, Placement, default_workers
 from reslab.data.memory import TensorLoader
-from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, imagenet_transforms
+from reslab.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from reslab.data.sources import (
     ImageArrays,
     decode_folder,
@@ -46,6 +48,8 @@ class Data:
     preprocess: Preprocess  # how an image file becomes a model input (for eval/predict), with classes
     skipped: list[str] = field(default_factory=list)
     class_counts: list[int] = field(default_factory=list)  # training images per class
+    decode: str = "cpu"  # how images were decoded: cpu (PIL/libjpeg-turbo) or gpu (batched, nvjpeg)
+    decode_choice: dict[str, Any] = field(default_factory=dict)  # why (auto's measured rates)
 
     @property
     def classes(self) -> list[str]:
@@ -292,24 +296,27 @@ def _streaming(
         size = cfg.image_size or 224
         resize, interpolation = cfg.resize or round(size * 256 / 224), "bilinear"
     mean, std = _normalisation(cfg, preprocess, in_chans, None)
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    pre = Preprocess((size, size), mean, std, in_chans, resize, interpolation, classes=tuple(train.classes))
+    evaluate = pre.geometry()
+    geometry = pre.geometry(train=cfg.augment != "none")
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    decode, how = choose_decode(cfg.decode, place.device, train.samples, geometry, in_chans, workers)
     common = dict(channels=in_chans, workers=workers, mean=mean, std=std, place=place)
-    if use_batch_decoding(cfg.decode, place.device, geometry_problem(resize, interpolation)):
-        geometry = dict(size=size, resize=resize, **common)
+    if decode == "gpu":
         train_loader = BatchDecodeLoader(
-            train.samples, batch_size=cfg.batch_size, train=cfg.augment != "none", **geometry
+            train.samples, geometry, batch_size=cfg.batch_size, train=True, eval_geometry=evaluate, **common
         )
         eval_loader = BatchDecodeLoader(
-            evaluation.samples, batch_size=cfg.eval_batch_size, train=False, **geometry
+            evaluation.samples, evaluate, batch_size=cfg.eval_batch_size, train=False, **common
         )
-    else:  # PIL in DataLoader workers
-        evaluate = imagenet_transforms(False, size, resize, interpolation)
+    else:  # decoded one file at a time in DataLoader workers
         train_loader = FolderLoader(
             train.samples,
-            imagenet_transforms(cfg.augment != "none", size, resize, interpolation),
+            geometry,
             batch_size=cfg.batch_size,
             train=True,
-            eval_transform=evaluate,
+            draft=True,
+            eval_geometry=evaluate,
             **common,
         )
         eval_loader = FolderLoader(
@@ -320,8 +327,8 @@ def _streaming(
         train=train_loader,
         eval=eval_loader,
         eval_split=split,
-        preprocess=Preprocess(
-            (size, size), mean, std, in_chans, resize, interpolation, classes=tuple(train.classes)
-        ),
+        preprocess=pre,
         class_counts=torch.bincount(train.labels, minlength=len(train.classes)).tolist(),
+        decode=decode,
+        decode_choice=how,
     )

@@ -1,18 +1,17 @@
 """Loading files a user names (predict, embed, export, eval of folders): listing them and batching
-them with a checkpoint's preprocessing, decoded by PIL in workers or in batches on the device."""
+them with a checkpoint's preprocessing, decoded by workers or in batches on the device."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from reslab.data.decode import BatchDecodeLoader, geometry_problem, use_batch_decoding
+from reslab.data.batched import BatchDecodeLoader, choose_decode
 from reslab.data.folder import FolderLoader
-from reslab.data.loader import Loader, Placement
-from reslab.data.preprocess import Preprocess, eval_transform
+from reslab.data.loader import Loader, Placement, default_workers
+from reslab.data.preprocess import Preprocess
 from reslab.data.sources import IMG_EXTENSIONS
 from reslab.errors import ReslabError
 
@@ -47,38 +46,28 @@ def image_loader(
     workers: int | None = None,
     device: str | torch.device = "cpu",
     strict: bool = False,
-    draft: bool = False,
     decode: str = "auto",
 ) -> Loader:
-    """Batches of (normalised images, file indices) for a list of files.
-
-    Decoded by PIL in DataLoader workers, or (``decode``: auto on CUDA, or gpu) read by workers
-    and decoded a batch at a time on the device, for the resize-and-crop geometry of ImageNet-style
-    models. Unreadable files are named on stderr and skipped (their indices are absent), or raise
-    with ``strict``. ``draft`` lets PIL's JPEG decoder downscale while decoding (faster, not exact).
-    """
+    """Batches of (normalised images, file indices) for a list of files, with a checkpoint's
+    preprocessing: decoded by DataLoader workers, or in batches on the device (``decode``, as
+    ``data.decode``). Unreadable files are named on stderr and skipped (their indices are absent),
+    or raise with ``strict``."""
     device = torch.device(device)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     workers = workers if len(files) > batch_size else 0
     samples = [(str(f), i) for i, f in enumerate(files)]
-    normalise = dict(channels=pre.channels, workers=workers, mean=pre.mean, std=pre.std, strict=strict)
-    place = Placement(device=device)
-    if use_batch_decoding(decode, device, geometry_problem(pre.resize, pre.interpolation)):
-        return BatchDecodeLoader(
-            samples,
-            batch_size=batch_size,
-            train=False,
-            size=pre.crop,
-            resize=pre.resize,
-            place=place,
-            **normalise,
-        )
-    return FolderLoader(
-        [(str(f), i) for i, f in enumerate(files)],
-        eval_transform(pre),
+    geometry = pre.geometry()
+    chosen, _ = choose_decode(decode, device, samples, geometry, pre.channels, workers)
+    loader = BatchDecodeLoader if chosen == "gpu" else FolderLoader
+    return loader(
+        samples,
+        geometry,
         batch_size=batch_size,
         train=False,
-        place=place,
-        draft=pre.resize if draft and pre.resize else None,
-        **normalise,
+        channels=pre.channels,
+        workers=workers,
+        mean=pre.mean,
+        std=pre.std,
+        place=Placement(device=device),
+        strict=strict,
     )

@@ -1,8 +1,11 @@
-"""Folders of large images: decoded on the fly by DataLoader workers with torchvision transforms v2.
+"""Folders of large images, decoded and transformed one file at a time by DataLoader workers: the CPU path.
 
-Each sample's augmentation is seeded by (seed, epoch, index) rather than by a worker's RNG
-stream, so the batches do not depend on the number of workers and a resumed run sees the
-same crops as an uninterrupted one. Undecodable files are skipped and reported by name.
+Each worker reads a file, decodes it (libjpeg-turbo through torchvision; PIL for the formats
+torchvision does not read) and applies the :class:`~reslab.data.decode.Geometry` to uint8; a batch
+leaves the worker as one uint8 tensor and is normalised on the device. Each sample's augmentation
+is seeded by (seed, epoch, index) rather than by a worker's RNG stream, so the batches do not
+depend on the number of workers and a resumed run sees the same crops as an uninterrupted one.
+Undecodable files are skipped and reported by name.
 """
 
 from __future__ import annotations
@@ -12,25 +15,31 @@ from collections.abc import Iterator
 from typing import Self
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from reslab.data.loader import Placement, Uint8Normalizer, shard_order, step_seed
+from reslab.data.decode import Geometry, describe_failure, load_image
+from reslab.data.loader import Placement, Uint8Normalizer, in_background, shard_order, step_seed
 from reslab.errors import ReslabError
 
 
-class ImageFiles(Dataset):
-    """(path, label) pairs -> uint8 tensors; an unreadable file becomes a skip record naming it.
+def read_file(path: str) -> bytes | str:
+    """A file's bytes, or a skip message naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"{path}: {type(e).__name__}: {e.strerror}"
+    return data if data else f"{path}: empty file"
 
-    ``draft``: let the JPEG decoder produce a reduced-size image directly (much faster for large
-    photos, but not pixel-identical to a full decode); the target is the resize size.
-    """
+
+class ImageFiles(Dataset):
+    """(path, label) pairs -> (uint8 image of the geometry's size, label); an unreadable file
+    becomes a skip message naming it. ``draft``: JPEG DCT scaling for large training crops."""
 
     def __init__(
-        self, samples: list[tuple[str, int]], transform, channels: int = 3, draft: int | None = None
+        self, samples: list[tuple[str, int]], geometry: Geometry, channels: int = 3, draft: bool = False
     ) -> None:
-        self.samples, self.transform, self.draft = samples, transform, draft
-        self.mode = "L" if channels == 1 else "RGB"
+        self.samples, self.geometry, self.channels, self.draft = samples, geometry, channels, draft
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -38,15 +47,13 @@ class ImageFiles(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | str:
         index, seed = item
         path, label = self.samples[index]
+        data = read_file(path)
+        if isinstance(data, str):
+            return data
         try:
-            with Image.open(path) as im:
-                if self.draft:
-                    im.draft(self.mode, (self.draft, self.draft))
-                img = im.convert(self.mode)  # grey photos become RGB (and vice versa) here
-        except Exception as e:
-            return f"{path}: {type(e).__name__}: {e}"
-        torch.manual_seed(seed)
-        return self.transform(img), label
+            return load_image(data, self.geometry, seed, self.channels, self.draft), label
+        except Exception as e:  # decoders raise many kinds for truncated or non-image files
+            return describe_failure(path, e)
 
 
 class SeededSampler(Sampler):
@@ -82,6 +89,7 @@ class SeededSampler(Sampler):
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A worker's batch as one uint8 tensor, its labels, and the skip messages of its bad files."""
     good = [b for b in batch if not isinstance(b, str)]
     skipped = [b for b in batch if isinstance(b, str)]
     if not good:
@@ -91,16 +99,19 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]
 
 class FileLoader:
     """What both file loaders share: a :class:`SeededSampler` over the samples feeding DataLoader
-    workers, their lengths, the evaluation twin, and naming unreadable files on stderr and in
-    ``skipped`` (or refusing them with ``strict``).
+    workers, their lengths, the evaluation twin, naming unreadable files on stderr and in
+    ``skipped`` (or refusing them with ``strict``), and the hand-over of finished batches.
 
     ``eval_args``: the keyword arguments that build this loader's evaluation twin (every argument
     but ``train``), including ``place``, ``batch_size``, ``workers``, ``mean``, ``std``, ``strict``.
+    ``background``: prepare batches in a background thread (:func:`in_background`) even off CUDA,
+    where the loader does real work in this process.
     """
 
-    def __init__(
-        self, eval_args: dict, dataset: Dataset, collate_fn, *, train: bool, pin_memory: bool = False
-    ) -> None:
+    background = False
+    decode = "cpu"  # the decoding path, as ``data.decode`` names it
+
+    def __init__(self, eval_args: dict, dataset: Dataset, collate_fn, *, train: bool) -> None:
         self._eval_args = eval_args
         place, workers = eval_args["place"], eval_args["workers"]
         self.device, self.place, self.train = place.device, place, train
@@ -114,13 +125,13 @@ class FileLoader:
             num_workers=workers,
             collate_fn=collate_fn,
             drop_last=train,
-            pin_memory=pin_memory,
+            pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
         )
         self.skipped: list[str] = []
 
     def as_eval(self, batch_size: int | None = None) -> Self:
-        """The same files in their natural order, every one, with the evaluation transform."""
+        """The same files in their natural order, every one, with the evaluation geometry."""
         return type(self)(**{**self._eval_args, "batch_size": batch_size or self.batch_size}, train=False)
 
     @property
@@ -134,6 +145,16 @@ class FileLoader:
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_sample)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.batches()
+        if self.background or self.device.type == "cuda":  # copies and normalisation off the step's stream
+            return in_background(batches, self.device)
+        return batches
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised batches on the device, in order (run by :meth:`__iter__`, maybe in a thread)."""
+        raise NotImplementedError
+
     def _skip(self, message: str) -> None:
         if self.strict:
             raise ReslabError(f"unreadable image {message} (drop --strict to skip such files)")
@@ -144,14 +165,15 @@ class FileLoader:
 class FolderLoader(FileLoader):
     """A DataLoader over image files with the same interface as :class:`TensorLoader`.
 
-    Workers decode and crop to uint8; batches are normalised on the device. Unreadable files are
-    reported on stderr by name and skipped, or raise with ``strict``.
+    Workers decode and transform to uint8 (``geometry``; ``eval_geometry`` for the evaluation
+    twin); batches are normalised on the device. Unreadable files are reported on stderr by name
+    and skipped, or raise with ``strict``. ``draft``: JPEG DCT scaling for large training crops.
     """
 
     def __init__(
         self,
         samples: list[tuple[str, int]],
-        transform,
+        geometry: Geometry,
         *,
         batch_size: int,
         train: bool,
@@ -161,24 +183,19 @@ class FolderLoader(FileLoader):
         std: tuple[float, ...],
         place: Placement | None = None,
         strict: bool = False,
-        draft: int | None = None,
-        eval_transform=None,
+        draft: bool = False,
+        eval_geometry: Geometry | None = None,
     ) -> None:
         place = place or Placement()
         eval_args = dict(
-            samples=samples, transform=eval_transform or transform, batch_size=batch_size,
+            samples=samples, geometry=eval_geometry or geometry, batch_size=batch_size,
             channels=channels, workers=workers, mean=mean, std=std, place=place, strict=strict,
-            draft=draft,
         )  # fmt: skip
         super().__init__(
-            eval_args,
-            ImageFiles(samples, transform, channels, draft),
-            collate_skipping,
-            train=train,
-            pin_memory=place.device.type == "cuda",
+            eval_args, ImageFiles(samples, geometry, channels, draft and train), collate_skipping, train=train
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, skipped in self.loader:
             for msg in skipped:
                 self._skip(msg)

@@ -1,10 +1,15 @@
-"""What every loader shares: the :class:`Loader` protocol, per-step seeds and batch normalisation."""
+"""What every loader shares: the :class:`Loader` protocol, per-step seeds, batch normalisation, the
+workers default and the background thread that prepares the next batch while a step runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -89,3 +94,71 @@ class Uint8Normalizer:
             fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
         x = x.to(self.device, non_blocking=True).to(torch.float32, memory_format=fmt)
         return x.sub_(self.shift).mul_(self.scale)
+
+
+def default_workers() -> int:
+    """DataLoader workers when none are asked for: every CPU this process may use, shared among the
+    processes of this machine under torchrun (each trains on its own share of the data)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def in_background(items: Iterable[T], device: torch.device, depth: int = 2) -> Iterator[T]:
+    """``items`` produced ``depth`` ahead by a background thread, so the next batch is decoded,
+    copied and normalised while the current training step runs.
+
+    On CUDA the thread works on its own stream; each item is handed over with an event the
+    consumer's stream waits on (no host synchronisation), and its tensors are recorded on that
+    stream so the allocator does not reuse them early. An exception in the thread is raised to the
+    consumer; a consumer that stops early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                q.put(item, timeout=0.1)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in items:
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((item, event)):
+                        return
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="reslab-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is _DONE:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            item, event = got
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in item if isinstance(item, tuple) else (item,):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                        t.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()

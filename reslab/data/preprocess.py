@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from torchvision.transforms import InterpolationMode, v2
-
+from reslab.data.decode import Geometry
 from reslab.errors import ReslabError
 from reslab.models import get_model_entry
 
@@ -49,12 +48,13 @@ class Preprocess:
             )
 
     @property
-    def is_clip(self) -> bool:
-        return len(self.size) == 3
-
-    @property
     def crop(self) -> int:
         return self.size[-1]
+
+    def geometry(self, train: bool = False) -> Geometry:
+        """How an image file becomes this model's input: the evaluation resize and crop, or with
+        ``train`` the random-resized crop of ImageNet-style training."""
+        return Geometry(tuple(self.size[-2:]), self.resize, train, self.interpolation)
 
     def replace(self, **changes: Any) -> Preprocess:
         return replace(self, **changes)
@@ -98,29 +98,3 @@ def default_preprocess(arch: str, in_chans: int, classes: tuple[str, ...] = ()) 
     else:
         pre = Preprocess(size, CIFAR10_MEAN, CIFAR10_STD, 3, classes=classes)
     return pre.for_channels(in_chans)
-
-
-def imagenet_transforms(train: bool, size: int, resize: int, interpolation: str = "bilinear"):
-    """ImageNet-style geometry on PIL images, giving uint8 tensors: random-resized crop + flip for
-    training, resize + center crop for evaluation (as torchvision's eval transforms). Normalisation
-    happens later, on whole batches."""
-    mode = InterpolationMode(interpolation)
-    if train:
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.PILToTensor(),
-            ]
-        )
-    return v2.Compose(
-        [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(size), v2.PILToTensor()]
-    )
-
-
-def eval_transform(pre: Preprocess):
-    """The evaluation geometry a model was trained with: a PIL image -> a uint8 tensor."""
-    if pre.resize is not None:
-        return imagenet_transforms(False, pre.crop, pre.resize, pre.interpolation)
-    mode = InterpolationMode(pre.interpolation)
-    return v2.Compose([v2.Resize(list(pre.size[-2:]), interpolation=mode, antialias=True), v2.PILToTensor()])

@@ -7,6 +7,7 @@ comes in through a :class:`TrainPolicy`: the engine knows nothing of it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -198,6 +199,8 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             f"model_args.num_classes={num_classes} but the data has {len(data.classes)} classes "
             f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
         )
+    # The decoding path is recorded as chosen, so that a resumed run continues with the same pixels.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode=data.decode))
     asked, cfg = cfg, for_device(cfg, device, data.preprocess.size[-1])  # "auto" speed settings resolved
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = policy.build_model(cfg, data, model_args, ckpt is None)
@@ -260,6 +263,9 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             + (f" x {ctx.world} processes" if ctx.world > 1 else "")
             + f"; run directory {run_dir}"
         )
+        if "img_s" in data.decode_choice:
+            rates = ", ".join(f"{k} {v:.0f} img/s" for k, v in data.decode_choice["img_s"].items())
+            print(f"reslab: decoding images on the {data.decode} path (measured here: {rates})")
         if device.type == "cuda":
             graphed = "one CUDA graph per step" if isinstance(step, CapturedStep) else "eager steps"
             print(
@@ -417,6 +423,8 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
         "train_seconds": state.train_seconds or seconds,
         "device": str(run.device),
         "world": run.ctx.world,
+        "decode": data.decode,
+        "decode_choice": data.decode_choice,
         "per_class_acc": report["per_class_acc"],
         "confusion_png": report.get("confusion_png"),
     }
