@@ -39,10 +39,10 @@ from torchvision import transforms as T
 from reslab import create_model
 from reslab.config import load_config
 from reslab.data import Placement, TensorLoader, build_data
-from reslab.deploy.timing import matmul_peak
 from reslab.engine import Budget, TrainState, build_optimizer, resolve_device, train_one_epoch
 from reslab.engine.device import for_device, synchronize
 from reslab.engine.graphs import CapturedStep
+from reslab.engine.timing import matmul_peak
 from reslab.engine.train import TrainStep
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"

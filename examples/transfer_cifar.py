@@ -26,7 +26,7 @@ import torch
 
 from reslab.config import load_config
 from reslab.engine import fit
-from reslab.transfer import FinetunePolicy, finetune_config
+from reslab.transfer import finetune_config
 
 SOURCE_CLASSES = ["airplane", "automobile", "bird", "deer", "frog", "horse", "ship", "truck"]
 TARGET_CLASSES = ["cat", "dog"]
@@ -106,8 +106,7 @@ def main() -> None:
         def finetune(o: str, unfreeze: int = 0, c: dict = common, t: str = target):
             """The pretrained base with a new head; the last ``unfreeze`` stages released a third in."""
             later = {"unfreeze_at": [f"{args.epochs // 3}:{unfreeze}"]} if unfreeze else {}
-            cfg, ft = finetune_config(ckpt, t, overrides={**c, "out": o}, finetune=later)
-            return cfg, FinetunePolicy(ft)
+            return finetune_config(ckpt, t, overrides={**c, "out": o}, finetune=later)
 
         def scratch(o: str, c: dict = common, t: str = target):
             cfg = load_config(

@@ -95,6 +95,9 @@ WarmupMode = Literal["linear", "constant"]
 Amp = Literal["auto", "none", "bf16", "fp16"]
 OnOff = Literal["auto", "on", "off"]
 Precision = Literal["auto", "fp32", "tf32", "bf16", "fp16"]  # inference arithmetic
+TTAMode = Literal["flip", "10crop"]  # test-time augmentation
+ExportFormat = Literal["onnx", "torchscript", "exported"]
+ExportPrecision = Literal["fp32", "fp16"]
 Freeze = Annotated[str, Pattern(r"base|none|stages:\d+", "base, none or stages:N")]
 UnfreezeAt = Annotated[str, Pattern(r"\d+:\d+", "EPOCH:N (at EPOCH, unfreeze the last N stages)")]
 FrozenBN = Literal["eval", "frozen"]
@@ -123,6 +126,18 @@ def arg_type(kind: type, constraint: Range | Pattern) -> Any:
     parse.__name__ = kind.__name__
     parse.constraint = constraint  # for tests that probe every option's bounds
     return parse
+
+
+def add_device_option(p: argparse.ArgumentParser, help: str = "") -> None:
+    """``--device``, as every command that runs a model takes it."""
+    example = typing.get_args(Device)[1].example
+    p.add_argument("--device", default="auto", help=f"{example} (default auto: CUDA when available){help}")
+
+
+def data_name(name: str | None, folder: str | None) -> str | None:
+    """The one rule for naming data on every command: a data folder without a data name means
+    ``folder``; None when neither is given (the caller's default applies)."""
+    return name if name is not None else ("folder" if folder is not None else None)
 
 
 def int_list(constraint: Range) -> Any:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from reslab.data import Preprocess, image_loader, list_images
 from reslab.engine import read_checkpoint
-from reslab.engine.device import Precise, choose_precision
+from reslab.engine.device import Precise, resolve_precision
 from reslab.errors import ReslabError
 
 
@@ -47,11 +47,13 @@ def embed_files(
     device = next(net.parameters()).device
     chunks, kept = [], []
     loader = image_loader(files, preprocess, batch_size, device=device)
-    chosen = {"precision": precision}
-    if precision == "auto":
-        probe = next(iter(loader))[0]
-        best, how = choose_precision(lambda p: Precise(PreLogits(copy.deepcopy(net)), p), probe, device)
-        chosen = {"precision": best, "chosen_from": "auto", **how}
+    chosen = resolve_precision(
+        precision,
+        lambda p: Precise(PreLogits(copy.deepcopy(net)), p),
+        lambda: next(iter(loader))[0],
+        device,
+        agreement=False,  # features have no classes to agree on
+    )
     features = Precise(PreLogits(net), chosen["precision"])
     for x, idx in tqdm(
         loader, total=len(loader), unit="batch", desc="embedding", disable=not progress, leave=False

@@ -10,4 +10,9 @@ class NonFiniteLoss(ReslabError):
 
 
 class TrainingInterrupted(ReslabError):
-    """Raised after an interrupted run has saved its checkpoint; the CLI exits with 130."""
+    """Raised after an interrupted run has saved its checkpoint; the CLI exits with 130. Under
+    torchrun every process raises it; ``is_main`` marks the one that reports."""
+
+    def __init__(self, message: str, *, is_main: bool = True) -> None:
+        super().__init__(message)
+        self.is_main = is_main

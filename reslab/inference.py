@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.config import TTAMode, choices
 from reslab.data import Placement, Preprocess, build_data, checkpoint_data, image_loader
 from reslab.engine import Checkpoint, EvalStats, eval_report, read_checkpoint, resolve_device
-from reslab.engine.device import Precise, choose_precision
+from reslab.engine.device import Precise, resolve_precision
 from reslab.errors import ReslabError
 
 
@@ -46,8 +47,8 @@ class TTA(nn.Module):
 
     def __init__(self, model: nn.Module, mode: str, crop: int | None = None, pad: int = 0) -> None:
         super().__init__()
-        if mode not in ("flip", "10crop"):
-            raise ReslabError(f"--tta {mode!r}: choose flip or 10crop")
+        if mode not in choices(TTAMode):
+            raise ReslabError(f"--tta {mode!r}: choose {' or '.join(choices(TTAMode))}")
         self.model, self.mode, self.crop, self.pad = model, mode, crop, pad
 
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -132,18 +133,12 @@ def load_members(
     def build(c: Checkpoint, p: str) -> nn.Module:
         return Normalized(Precise(c.model, p), c.preprocess.mean, c.preprocess.std).to(device).eval()
 
-    chosen = {"precision": precision}
-    x = probe(raw, first) if probe is not None and (precision != "fp32" or device.type == "cuda") else None
-    if precision == "auto":
-        best, how = choose_precision(lambda p: build(copy.deepcopy(first), p), x, device)
-        chosen = {"precision": best, "chosen_from": "auto", **how}
-    if x is not None and chosen["precision"] != "fp32":
-        with torch.no_grad():
-            reference = build(copy.deepcopy(first), "fp32")(x).argmax(1)
-            agree = (
-                (build(copy.deepcopy(first), chosen["precision"])(x).argmax(1) == reference).float().mean()
-            )
-        chosen.update(top1_agreement_with_fp32=agree.item(), agreement_images=len(x))
+    chosen = resolve_precision(
+        precision,
+        lambda p: build(copy.deepcopy(first), p),
+        (lambda: probe(raw, first)) if probe is not None else None,
+        device,
+    )
     nets = [build(c, chosen["precision"]) for c in loaded]
     if tta:
         nets = [TTA(n, tta, crop, pad if first.preprocess.resize is None else 0) for n in nets]

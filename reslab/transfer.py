@@ -104,10 +104,10 @@ def finetune_config(
     model: str | None = None,
     overrides: dict[str, Any] | None = None,
     finetune: dict[str, Any] | None = None,
-) -> tuple[TrainConfig, FinetuneConfig]:
+) -> tuple[TrainConfig, FinetunePolicy]:
     """The training config of a fine-tuning run (the ``finetune`` recipe, the source's architecture
     and preprocessing, a 20% validation split when the folder has none, then ``overrides``) and
-    its fine-tuning settings."""
+    the policy that trains it, holding the source's weights (read once, here)."""
     ft = build(FinetuneConfig, {**(finetune or {}), "source": source})
     pre = load_source(source, model)
     tree = {"model": model or pre.arch, "data.dir": data_dir, **(overrides or {})}
@@ -125,7 +125,7 @@ def finetune_config(
             f"--unfreeze-at {' '.join(late)}: the run has {cfg.epochs:g} epochs (0-based epochs 0..{math.ceil(cfg.epochs) - 1}), "
             "so it would never unfreeze; use an earlier epoch or more --epochs"
         )
-    return cfg, ft
+    return cfg, FinetunePolicy(ft, pre)
 
 
 def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "auto") -> torch.Tensor:
@@ -228,19 +228,25 @@ class Freezer:
 
 
 class FinetunePolicy(TrainPolicy):
-    """Training from pretrained weights: a new head, frozen parts, an unfreezing schedule."""
+    """Training from pretrained weights: a new head, frozen parts, an unfreezing schedule.
 
-    def __init__(self, ft: FinetuneConfig) -> None:
+    ``pretrained``: the source's weights when already read (:func:`finetune_config` reads them
+    once); a resumed run needs none, its checkpoint holds the weights.
+    """
+
+    kind = "finetune"
+
+    def __init__(self, ft: FinetuneConfig, pretrained: Pretrained | None = None) -> None:
         if not ft.source:
             raise ReslabError("fine-tuning needs a source: reslab finetune --from SOURCE")
-        self.ft = ft
+        self.ft, self.pretrained = ft, pretrained
         self.freezer: Freezer | None = None
         self.started = False
 
     def build_model(self, cfg: TrainConfig, data: Data, model_args: dict[str, Any], fresh: bool) -> nn.Module:
         ft = self.ft
         if fresh:
-            pre = load_source(ft.source, cfg.model)
+            pre = self.pretrained or load_source(ft.source, cfg.model)
             net = create_model(cfg.model, in_chans=data.in_chans, **{**pre.model_args, **model_args})
             sd = dict(pre.state_dict)
             first = next(k for k, v in sd.items() if v.ndim >= 4)  # the stem's first conv
@@ -268,14 +274,9 @@ class FinetunePolicy(TrainPolicy):
     def train_mode(self, model: nn.Module) -> None:
         self.freezer.train_mode(model)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"finetune": to_dict(self.ft)}
+    def config(self) -> dict[str, Any]:
+        return to_dict(self.ft)
 
-
-def policy_for(saved: dict[str, Any] | None) -> TrainPolicy | None:
-    """The policy a checkpoint was trained with (see :meth:`TrainPolicy.to_dict`), to resume it."""
-    if not saved:
-        return None
-    if "finetune" in saved:
-        return FinetunePolicy(build(FinetuneConfig, saved["finetune"]))
-    raise ReslabError(f"unknown training policy {sorted(saved)} in the checkpoint")
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FinetunePolicy:
+        return cls(build(FinetuneConfig, config))

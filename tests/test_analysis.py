@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from reslab import create_model
-from reslab.analysis.common import lesioned
 from reslab.analysis.gradients import conv_grad_norms
 from reslab.analysis.landscape import filter_normalized_direction, surface
-from reslab.analysis.lesion import path_lengths, removable_blocks
+from reslab.analysis.lesion import lesioned, path_lengths, removable_blocks
 from reslab.analysis.responses import layer_response_stds
 from reslab.cli import main
 
@@ -112,6 +111,7 @@ def trained(tmp_path_factory):
         fit(
             load_config(
                 overrides={
+                    "device": "cpu",
                     "model": name,
                     "data.limit_train": 512,
                     "data.limit_test": 200,

@@ -1,13 +1,12 @@
 """Params and FLOPs: computed for every model, checked against a golden table and published figures.
 
 Regenerate the golden table after an intended architecture change with
-``RESLAB_UPDATE_GOLDEN=1 pytest tests/test_complexity.py``.
+``.venv/bin/python -m tests.test_complexity`` (then review its diff).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -38,10 +37,8 @@ def _golden() -> dict[str, dict]:
     return json.loads(GOLDEN.read_text())
 
 
-@pytest.mark.skipif(
-    not os.environ.get("RESLAB_UPDATE_GOLDEN"), reason="set RESLAB_UPDATE_GOLDEN=1 to rewrite"
-)
-def test_update_golden_table() -> None:
+def update_golden_table() -> None:
+    """Rewrite the table after a reviewed change: ``.venv/bin/python -m tests.test_complexity``."""
     table = {}
     for name in list_models():
         s = model_stats(name, cache=False)
@@ -51,7 +48,7 @@ def test_update_golden_table() -> None:
 
 def test_every_model_has_a_golden_entry() -> None:
     missing = sorted(set(list_models()) - set(_golden()))
-    assert not missing, f"no golden entry for {missing}: run RESLAB_UPDATE_GOLDEN=1 pytest {__file__}"
+    assert not missing, f"no golden entry for {missing}: run python -m tests.test_complexity"
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -94,3 +91,7 @@ def test_models_doc_matches_the_golden_table() -> None:
     assert set(rows) == set(list_models()), "regenerate: reslab models --markdown > docs/models.md"
     for name, params in rows.items():
         assert float(params) == round(golden[name]["params"] / 1e6, 2), name
+
+
+if __name__ == "__main__":
+    update_golden_table()

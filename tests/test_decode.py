@@ -253,6 +253,7 @@ def test_the_chosen_path_is_recorded_and_a_resumed_run_keeps_it(decode, tmp_path
 
     root = write_folder(tmp_path / "photos", size=(40, 48), per_class=8, fmt="jpg")
     overrides = {
+        "device": "cpu",
         "data.name": "folder",
         "data.dir": str(root),
         "data.in_memory": "no",
@@ -271,7 +272,7 @@ def test_the_chosen_path_is_recorded_and_a_resumed_run_keeps_it(decode, tmp_path
         with pytest.raises(TrainingInterrupted):
             fit(load_config(overrides={**overrides, "out": str(tmp_path / "cut")}))
         monkeypatch.undo()
-        resumed = fit(load_config(overrides={"progress": False}), resume=tmp_path / "cut")
+        resumed = fit(resume=tmp_path / "cut", progress=False)
     for run in (reference.run_dir, resumed.run_dir):
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["decode"] == decode
         assert json.loads((run / "summary.json").read_text())["decode"] == decode

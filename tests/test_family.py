@@ -111,6 +111,7 @@ def test_dilated_resnet_d_backbone() -> None:
 def test_video_training_on_synthetic_clips(tmp_path) -> None:
     cfg = load_config(
         overrides={
+            "device": "cpu",
             "model": "r3d_18",
             "data.name": "synthetic_clips",
             "data.frames": 4,
@@ -229,6 +230,7 @@ def _checkpoint(tmp_path, name: str, seed: int, arch: str = "resnet20"):
         write_folder(root, size=(32, 32), per_class=16)
     cfg = load_config(
         overrides={
+            "device": "cpu",
             "model": arch,
             "data.name": "folder",
             "data.dir": str(root),
@@ -274,6 +276,19 @@ def test_ensemble_and_tta(tmp_path, capsys) -> None:
     assert [m["arch"] for m in report["members"]] == ["resnet20", "plain20"] and report["n"] == 48
     assert main(["eval", "--checkpoint", str(a), "--json", "--tta", "10crop"]) == 0
     assert json.loads(capsys.readouterr().out)["tta"] == "10crop"
+    # TTA changes the outputs as it should: the mean of the softmax over an image and its mirror.
+    from reslab.inference import load_members
+
+    cpu = torch.device("cpu")
+    net, flipped = (
+        load_members([str(a)], None, cpu).nets[0],
+        load_members([str(a)], None, cpu, "flip").nets[0],
+    )
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ((net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2).log()
+        torch.testing.assert_close(flipped(x), expected)
+        assert not torch.allclose(flipped(x), net(x).log_softmax(1), atol=1e-3)
     assert main(["predict", "--checkpoint", str(a), str(b), str(root / "test" / "cat"), "--json"]) == 0
     preds = json.loads(capsys.readouterr().out)
     assert len(preds) == 16 and all(abs(sum(t["prob"] for t in p["top"]) - 1) < 1e-4 for p in preds)

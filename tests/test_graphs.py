@@ -124,6 +124,7 @@ TINY = {
     "optim.lr": 0.05,
     "optim.nesterov": True,
     "epochs": 2,
+    "device": "cpu",  # the uncaptured capturable step: CPU arithmetic, also on GPU machines
 }
 
 
@@ -150,7 +151,7 @@ def test_checkpoints_resume_across_graphed_and_eager_steps(tmp_path, monkeypatch
             monkeypatch.setenv(SIGINT_AT, str(stop_at))
         monkeypatch.setattr(sys.modules["reslab.engine.fit"], "load_config", partial(_with_graphs, graphs))
         with contextlib.suppress(TrainingInterrupted):  # stopped one step on, as asked
-            fit(load_config(overrides={"progress": False}), resume=tmp_path / name)
+            fit(resume=tmp_path / name, progress=False)
         monkeypatch.undo()
 
     with pytest.warns(UserWarning, match="capturable step runs uncaptured"):

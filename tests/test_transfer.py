@@ -14,6 +14,7 @@ import yaml
 from reslab import ReslabError, create_model
 from reslab.cli import main
 from reslab.config import FinetuneConfig, build
+from reslab.engine import fit
 from reslab.transfer import Freezer, adapt_first_conv, load_source
 from reslab.weights import read_file
 from tests.fakedata import write_folder
@@ -23,11 +24,11 @@ from tests.fakedata import write_folder
 def source(tmp_path) -> Path:
     """A reslab checkpoint of a ResNet-20 briefly trained on the embedded digits (3 channels)."""
     from reslab.config import load_config
-    from reslab.engine import fit
 
     fit(
         load_config(
             overrides={
+                "device": "cpu",
                 "model": "resnet20",
                 "model_args": {"in_chans": 3},
                 "data.limit_train": 256,
@@ -105,7 +106,8 @@ def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) ->
     assert not same("layer3.2.conv2.weight") and not same("layer3.2.bn2.running_mean")  # unfrozen at epoch 2
     config = yaml.safe_load((out / "config.yaml").read_text())
     policy = yaml.safe_load((out / "policy.yaml").read_text())
-    assert policy["finetune"]["unfreeze_at"] == ["1:1"] and config["data"]["val_split"] == 0.0  # test/ exists
+    assert policy["kind"] == "finetune" and policy["config"]["unfreeze_at"] == ["1:1"]
+    assert config["data"]["val_split"] == 0.0  # test/ exists
 
 
 def test_finetune_run_resumes_exactly_with_its_policy(source, tmp_path, monkeypatch) -> None:
@@ -130,8 +132,9 @@ def test_finetune_run_resumes_exactly_with_its_policy(source, tmp_path, monkeypa
     monkeypatch.setenv(SIGINT_AT, "4")  # epoch 2 of 3 (3 steps per epoch), before layer2 unfreezes
     assert main([*args, str(tmp_path / "cut")]) == 130
     monkeypatch.delenv(SIGINT_AT)
-    assert read_file(tmp_path / "cut" / "last.pt")["policy"]["finetune"]["unfreeze_at"] == ["2:2"]
-    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    assert read_file(tmp_path / "cut" / "last.pt")["policy"]["config"]["unfreeze_at"] == ["2:2"]
+    # The engine rebuilds the policy from the checkpoint: the library resumes as the CLI does.
+    assert fit(resume=tmp_path / "cut", progress=False).iterations == 9
     a, b = read_file(tmp_path / "straight" / "last.pt"), read_file(tmp_path / "cut" / "last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k

@@ -13,30 +13,17 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from reslab.analysis.common import (
-    add_common_args,
-    data_fields,
-    finish,
-    md_table,
-    pyplot,
-    run_from_args,
-    study_dir,
-    write_summary,
-)
+from reslab.analysis.args import add_common_args
+from reslab.analysis.inputs import data_fields
+from reslab.analysis.output import finish, md_table, pyplot, study_dir, write_summary
 from reslab.analysis.report import build_report
+from reslab.analysis.runner import PlannedRun, train_runs
 from reslab.config import POSITIVE, arg_type, int_list, load_config
-from reslab.engine import fit
 from reslab.engine.rundir import read_metrics
 from reslab.errors import ReslabError
 from reslab.models import list_models
@@ -110,7 +97,7 @@ def run(
     jobs = jobs or (3 if torch.cuda.is_available() and device != "cpu" else 1)
     out = study_dir(out, "degradation")
     data_overrides = {f"data.{k}": v for k, v in data_fields(data, data_dir).items()}
-    runs = []
+    runs, rows = [], []
     for depth in depths:
         for name, args, residual in twins(depth):
             if paper and not residual and depth > PAPER_PLAIN_MAX:
@@ -122,14 +109,14 @@ def run(
                 "model": name,
                 "model_args": args,
                 "seed": seed,
-                "progress": progress and jobs == 1,
                 "device": device,
                 "out": str(out / "runs" / label),
                 **({"iters": iters} if iters is not None else {}),
             }
-            runs.append((label, depth, residual, overrides))
-    _train(runs, None if quick else recipe, jobs, progress, device)
-    models = [_model_row(label, depth, residual, Path(o["out"])) for label, depth, residual, o in runs]
+            runs.append(PlannedRun(label, load_config(None if quick else recipe, overrides)))
+            rows.append((label, depth, residual))
+    train_runs(runs, jobs, progress)
+    models = [_model_row(*row, run.run_dir) for row, run in zip(rows, runs, strict=True)]
     _plot(models, out / "degradation.png")
     _write_csv(models, out / "curves.csv")
     findings = _findings(models)
@@ -183,62 +170,10 @@ def _table6(models: list[dict[str, Any]]) -> list[str]:
     return ["## Table 6: CIFAR-10 test error", "", md_table(rows, columns), ""]
 
 
-def _train(runs: list[tuple], recipe: str | None, jobs: int, progress: bool, device: str) -> None:
-    """Train each run that has not finished: in this process one after another, or ``jobs`` at once
-    as ``reslab train`` processes (each log in its run directory's ``train.log``)."""
-    todo = [(label, o) for label, _, _, o in runs if not (Path(o["out"]) / "summary.json").exists()]
-    if jobs == 1:
-        for _, o in todo:
-            if (Path(o["out"]) / "last.pt").exists():  # interrupted in an earlier study: resume it
-                fit(load_config(overrides={"progress": o["progress"], "device": device}), resume=o["out"])
-            else:
-                fit(load_config(recipe, o))
-        return
-    pending, running, failed = list(todo), {}, []
-    budget = {label: load_config(recipe, o) for label, o in todo}
-    total = sum(c.iters or 0 for c in budget.values())
-    bar = tqdm(
-        total=total, unit="it", desc=f"{len(todo)} runs, {jobs} at a time", disable=not progress or not total
-    )
-    while pending or running:
-        while pending and len(running) < jobs:
-            label, o = pending.pop(0)
-            running[label] = (_launch(o, recipe, device), o)
-        time.sleep(2)
-        for label, (proc, o) in list(running.items()):
-            if proc.poll() is not None:
-                del running[label]
-                if proc.returncode != 0:
-                    failed.append(f"{label} (exit {proc.returncode}; see {Path(o['out']) / 'train.log'})")
-        bar.n = sum(_last_iteration(Path(o["out"])) for _, o in todo)
-        bar.refresh()
-    bar.close()
-    if failed:
-        raise ReslabError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; rerun the study to resume them")
-
-
-def _launch(overrides: dict[str, Any], recipe: str | None, device: str) -> subprocess.Popen:
-    """``reslab train`` for one run in a process of its own (resuming it if it was interrupted)."""
-    run_dir = Path(overrides["out"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "last.pt").exists():
-        args = ["train", "--resume", str(run_dir), "--device", device, "--no-progress"]
-    else:
-        args = ["train", *(["--config", recipe] if recipe else []), "--no-progress"]
-        args += [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "progress"]
-    log = open(run_dir / "train.log", "a")  # noqa: SIM115 (the child writes to it until it ends)
-    return subprocess.Popen(
-        [sys.executable, "-m", "reslab", *args], stdout=log, stderr=subprocess.STDOUT, env=os.environ
-    )
-
-
-def _last_iteration(run_dir: Path) -> int:
-    rows = read_metrics(run_dir)
-    return rows[-1]["iteration"] if rows else 0
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "degradation")
+    add_common_args(
+        p, "degradation", data="the embedded MNIST sample (--paper: pass --data-dir with CIFAR-10)"
+    )
     p.add_argument(
         "--depths",
         type=int_list(POSITIVE),
@@ -263,8 +198,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    depths = args.depths or (list(PAPER_DEPTHS) if args.paper else [20, 56])
-    return run_from_args(run, args, depths)
+    return run(
+        args.depths or (list(PAPER_DEPTHS) if args.paper else [20, 56]),
+        out=args.out,
+        quick=args.quick,
+        paper=args.paper,
+        recipe=args.recipe,
+        data=args.data,
+        data_dir=args.data_dir,
+        iters=args.iters,
+        seed=args.seed,
+        progress=args.progress,
+        device=args.device,
+        jobs=args.jobs,
+    )
 
 
 def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[str, Any]:

@@ -14,17 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from reslab.analysis.common import (
-    add_common_args,
-    data_fields,
-    finish,
-    md_table,
-    pyplot,
-    run_from_args,
-    study_dir,
-    write_summary,
-)
+from reslab.analysis.args import add_common_args
 from reslab.analysis.degradation import twins
+from reslab.analysis.inputs import data_fields
+from reslab.analysis.output import finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import NON_NEGATIVE, POSITIVE, arg_type, int_list, load_config
 from reslab.data import Placement, build_data, fixed_batches
 from reslab.engine import Budget, TrainState, TrainStep, build_optimizer, resolve_device, train_one_epoch
@@ -158,7 +151,7 @@ def run(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "gradients")
+    add_common_args(p, "gradients", data="the embedded MNIST sample")
     p.add_argument("--depths", type=int_list(POSITIVE), default=[20, 56, 110], help="default 20,56,110")
     p.add_argument(
         "--steps",
@@ -173,7 +166,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run_from_args(run, args, args.depths)
+    return run(
+        args.depths,
+        out=args.out,
+        steps=args.steps,
+        batch=args.batch,
+        data=args.data,
+        data_dir=args.data_dir,
+        correlation=args.correlation,
+        seed=args.seed,
+        progress=args.progress,
+        device=args.device,
+    )
 
 
 def _plot(models: list[dict[str, Any]], path: Path, steps: int) -> None:

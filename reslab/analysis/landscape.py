@@ -21,19 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reslab.analysis.common import (
-    add_checkpoint_args,
-    add_common_args,
-    checkpoint_batches,
-    checkpoint_label,
-    finish,
-    load_checkpoints,
-    md_table,
-    pyplot,
-    run_from_args,
-    study_dir,
-    write_summary,
-)
+from reslab.analysis.args import add_checkpoint_args, add_common_args
+from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import POSITIVE, arg_type
 from reslab.engine import Checkpoint, evaluate
 from reslab.errors import ReslabError
@@ -223,7 +213,7 @@ def run(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "landscape", data=False)
+    add_common_args(p, "landscape")
     add_checkpoint_args(p, "one, or two side by side")
     p.add_argument(
         "--grid", type=arg_type(int, POSITIVE), default=21, help="points per axis (default 21; the paper: 51)"
@@ -240,7 +230,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run_from_args(run, args, load_checkpoints(args))
+    return run(
+        load_checkpoints(args.checkpoint, args.model, args.device),
+        out=args.out,
+        grid=args.grid,
+        span=args.span,
+        samples=args.samples,
+        mode=args.mode,
+        interpolate=args.interpolate,
+        replot=args.replot,
+        seed=args.seed,
+        progress=args.progress,
+    )
 
 
 def _plot(results: list[dict[str, Any]], out: Path, span: float) -> None:

@@ -6,31 +6,24 @@ collapses it. A ResNet of n blocks holds 2^n paths whose lengths are Binomial(n,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from reslab.analysis.common import (
-    add_checkpoint_args,
-    add_common_args,
-    checkpoint_batches,
-    checkpoint_label,
-    finish,
-    lesioned,
-    load_checkpoints,
-    md_table,
-    pyplot,
-    run_from_args,
-    study_dir,
-    write_summary,
-)
+from reslab.analysis.args import add_checkpoint_args, add_common_args
+from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import NON_NEGATIVE, POSITIVE, arg_type
 from reslab.engine import Checkpoint, evaluate
+from reslab.errors import ReslabError
 
 HELP = "remove residual blocks at test time (Veit et al. 2016)"
 
@@ -47,6 +40,25 @@ def path_lengths(n: int) -> list[float]:
 
 def _error_rate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return evaluate(model, batches)["err"]
+
+
+@contextlib.contextmanager
+def lesioned(model: nn.Module, blocks: Sequence[int]) -> Iterator[nn.Module]:
+    """Temporarily replace the given blocks (indices in depth order) by identity."""
+    stages = [getattr(model, s) for s in model.stage_names]
+    places = [(stage, i) for stage in stages for i in range(len(stage))]
+    saved = []
+    for b in blocks:
+        stage, i = places[b]
+        if not getattr(stage[i], "keeps_shape", True):
+            raise ReslabError(f"block {b} changes the shape of its input and cannot be removed")
+        saved.append((stage, i, stage[i]))
+        stage[i] = nn.Identity()
+    try:
+        yield model
+    finally:
+        for stage, i, block in saved:
+            stage[i] = block
 
 
 def run(
@@ -155,7 +167,7 @@ def run(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "lesion")
+    add_common_args(p, "lesion", data="the data the checkpoint was trained on")
     add_checkpoint_args(p)
     p.add_argument("--limit", type=arg_type(int, POSITIVE), default=2000, help="test images to use")
     p.add_argument(
@@ -170,7 +182,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run_from_args(run, args, load_checkpoints(args))
+    return run(
+        load_checkpoints(args.checkpoint, args.model, args.device),
+        out=args.out,
+        limit=args.limit,
+        draws=args.draws,
+        max_k=args.max_k,
+        seed=args.seed,
+        data=args.data,
+        data_dir=args.data_dir,
+        progress=args.progress,
+    )
 
 
 def _plot(results: list[dict[str, Any]], out: Path) -> None:

@@ -12,19 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.analysis.common import (
-    add_checkpoint_args,
-    add_common_args,
-    checkpoint_batches,
-    checkpoint_label,
-    finish,
-    load_checkpoints,
-    md_table,
-    pyplot,
-    run_from_args,
-    study_dir,
-    write_summary,
-)
+from reslab.analysis.args import add_checkpoint_args, add_common_args
+from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import POSITIVE, arg_type
 from reslab.engine import Checkpoint
 
@@ -113,13 +103,19 @@ def run(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "responses", seed=False)
+    add_common_args(p, "responses", data="the data the checkpoint was trained on", seed=False)
     add_checkpoint_args(p)
     p.add_argument("--limit", type=arg_type(int, POSITIVE), default=1000, help="test images to use")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run_from_args(run, args, load_checkpoints(args))
+    return run(
+        load_checkpoints(args.checkpoint, args.model, args.device),
+        out=args.out,
+        limit=args.limit,
+        data=args.data,
+        data_dir=args.data_dir,
+    )
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:

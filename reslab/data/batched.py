@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from reslab.data.decode import Geometry, decode_bytes, decode_jpegs, describe_failure, is_jpeg, load_image
-from reslab.data.folder import FileLoader, read_file
+from reslab.data.folder import FileLoader, read_bytes
 from reslab.data.loader import Placement
 from reslab.errors import ReslabError
 
@@ -46,7 +46,7 @@ class FileBytes(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[bytes, int, int, str] | str:
         index, seed = item
         path, label = self.samples[index]
-        data = read_file(path)
+        data = read_bytes(path)
         return data if isinstance(data, str) else (data, label, seed, path)
 
 
@@ -189,7 +189,7 @@ def measure_paths(
     on ``device``, after one warm-up call (nvjpeg's start-up). Files are read beforehand: reading
     costs both paths the same.
     """
-    datas = [d for d in (read_file(p) for p, _ in samples[:PROBE_FILES]) if not isinstance(d, str)]
+    datas = [d for d in (read_bytes(p) for p, _ in samples[:PROBE_FILES]) if not isinstance(d, str)]
     if not datas:
         raise ReslabError(f"{samples[0][0]}...: none of the first {PROBE_FILES} files could be read")
     threads = torch.get_num_threads()

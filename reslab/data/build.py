@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reslab.config import DataConfig, build, cache_dir
+from reslab.config import DataConfig, build, cache_dir, data_name
 from reslab.data.batched import BatchDecodeLoader, choose_decode
 from reslab.data.folder import FolderLoader
 from reslab.data.loader import Loader, Placement, default_workers
@@ -130,8 +130,7 @@ def checkpoint_data(
     config = config or {}
     fields = dict(config.get("data") or {})
     fields = {k: v for k, v in fields.items() if k in DataConfig.__dataclass_fields__}
-    if data_dir is not None and data is None:
-        data = "folder"
+    data = data_name(data, data_dir)
     if data is not None and data != fields.get("name"):
         fields = {"name": data}
     if data_dir is not None:

@@ -22,7 +22,7 @@ from reslab.data.loader import Placement, Uint8Normalizer, in_background, shard_
 from reslab.errors import ReslabError
 
 
-def read_file(path: str) -> bytes | str:
+def read_bytes(path: str) -> bytes | str:
     """A file's bytes, or a skip message naming it."""
     try:
         with open(path, "rb") as f:
@@ -47,7 +47,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | str:
         index, seed = item
         path, label = self.samples[index]
-        data = read_file(path)
+        data = read_bytes(path)
         if isinstance(data, str):
             return data
         try:

@@ -25,10 +25,11 @@ from torch import nn
 from reslab.complexity import count_macs
 from reslab.deploy.export import ort_session, write_onnx
 from reslab.deploy.fold import fold_batchnorm
+from reslab.deploy.inputs import real_inputs
 from reslab.deploy.quantize import quantize_onnx
-from reslab.deploy.timing import latency, matmul_peak, time_calls
 from reslab.engine import read_checkpoint, resolve_device
-from reslab.engine.device import DTYPES, Precise, set_tf32, synchronize
+from reslab.engine.device import DTYPES, Precise, pytorch_tf32_defaults, set_tf32, synchronize
+from reslab.engine.timing import latency, matmul_peak, time_calls
 from reslab.errors import ReslabError
 from reslab.models import create_model, get_model_entry
 
@@ -63,10 +64,12 @@ def default_precisions(device: torch.device) -> tuple[str, ...]:
     return ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32",)
 
 
-def _unavailable(name: str, device: torch.device, backends: tuple[str, ...]) -> dict[str, str]:
+def _unavailable(name: str, in_chans: int, device: torch.device, backends: tuple[str, ...]) -> dict[str, str]:
     """Backends asked for that cannot run here, and why."""
     reasons = {
-        "torchvision": f"torchvision has no {name}" if _torchvision_builder(name) is None else None,
+        "torchvision": f"torchvision has no {name}"
+        if _torchvision_builder(name) is None
+        else (f"torchvision's {name} reads 3 channels, this one {in_chans}" if in_chans != 3 else None),
         "ort-fp32": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
         "ort-int8": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
         "reslab-graph": "CUDA graphs need a CUDA device" if device.type != "cuda" else None,
@@ -89,7 +92,8 @@ def bench(
 
     A backend that cannot run here (torchvision lacks the model; ONNX Runtime off the CPU; CUDA
     graphs off CUDA) is left out with a warning, and refused when nothing else was asked for.
-    Torchvision is the fp32 reference; ONNX Runtime rows are fp32 and int8 whatever ``precisions``.
+    Torchvision is the fp32 reference, run with PyTorch's own TF32 defaults as its users run it (each
+    row says which TF32 setting it ran with); ONNX Runtime rows are fp32 and int8 whatever ``precisions``.
     """
     dev = resolve_device(device)
     backends = backends or default_backends(dev)
@@ -99,17 +103,21 @@ def bench(
         raise ReslabError(
             f"unknown backend(s)/precision(s) {unknown}; backends {', '.join(BACKENDS)}; precisions {', '.join(PRECISIONS)}"
         )
+    model_args: dict[str, Any] = {}
+    real = None  # a checkpoint's own test images, where it records its data
     if Path(target).is_file():
         ckpt = read_checkpoint(target, device="cpu")
-        model, name = ckpt.model, ckpt.arch
+        model, name, model_args = ckpt.model, ckpt.arch, ckpt.model_args
+        if (ckpt.config or {}).get("data") and not input_size:
+            real = real_inputs(ckpt, None, max(batches))
     else:
         name = target
         model = create_model(name).eval()
     spec = get_model_entry(name).spec
-    size = tuple(spec.input_size)
+    size = tuple(spec.input_size) if real is None else tuple(real.shape[2:])
     if input_size:
         size = (*size[:-2], input_size, input_size)
-    unavailable = _unavailable(name, dev, backends)
+    unavailable = _unavailable(name, model.in_chans, dev, backends)
     if unavailable and set(backends) <= set(unavailable):
         raise ReslabError(
             f"--backends {','.join(backends)}: {'; '.join(unavailable.values())}; choose others"
@@ -125,9 +133,8 @@ def bench(
         set_tf32(p == "tf32")
         peaks[p] = matmul_peak(1.5 * min_time, device=dev, dtype=DTYPES[p])
     with torch.device("meta"):
-        macs_per_image = count_macs(
-            create_model(name, num_classes=model.num_classes).eval(), (1, model.in_chans, *size)
-        )
+        twin = create_model(name, num_classes=model.num_classes, in_chans=model.in_chans, **model_args)
+        macs_per_image = count_macs(twin.eval(), (1, model.in_chans, *size))
     model = model.to(dev).eval()
     layout = torch.channels_last if spec.ndim == 2 else torch.channels_last_3d
     fast = fold_batchnorm(model).to(memory_format=layout)
@@ -135,15 +142,15 @@ def bench(
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for bs in batches:
-            x = torch.randn(bs, model.in_chans, *size, device=dev)
+            x = _inputs(real, bs, (model.in_chans, *size)).to(dev)
             with torch.no_grad():
                 set_tf32(False)
-                reference = model(x).argmax(1)
+                reference = model(x).argmax(1)  # the fp32 answer every row is checked against
             for (backend, precision), make in runners.items():
                 if backend == "reslab-graph" and bs > GRAPH_MAX_BATCH:
                     continue
                 say(f"{backend} {precision} batch {bs}")
-                set_tf32(precision == "tf32")
+                tf32 = _set_tf32_for(backend, precision, dev)
                 with torch.no_grad():
                     fn = make(x, Path(tmp))
                     out = torch.as_tensor(fn()).to(dev)
@@ -159,6 +166,7 @@ def bench(
                         "gflops_per_s": gflops,
                         "peak_fraction": gflops / peak,
                         "top1_agree": (out.float().argmax(1) == reference).float().mean().item(),
+                        "tf32": tf32,
                     }
                 )
     set_tf32(False)
@@ -176,12 +184,32 @@ def bench(
     }
 
 
+def _inputs(real: torch.Tensor | None, batch: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A batch of real images (repeated when there are fewer), else of random inputs: speed does
+    not depend on the pixels, top-1 agreement does (random inputs give near-tied logits)."""
+    if real is None:
+        return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    return real.repeat(-(-batch // len(real)), *[1] * (real.ndim - 1))[:batch]
+
+
+def _set_tf32_for(backend: str, precision: str, device: torch.device) -> str:
+    """TF32 as each row runs: torchvision (the reference) with PyTorch's own defaults, as its users
+    run it; reslab's rows on only when their precision is tf32. Returns what was set."""
+    if device.type != "cuda":
+        return "n/a"
+    if backend == "torchvision":
+        pytorch_tf32_defaults()
+        return "PyTorch default (cuDNN on, matmul off)"
+    set_tf32(precision == "tf32")
+    return "on" if precision == "tf32" else "off"
+
+
 def _runners(name, model, fast, backends, precisions, dev, size, say) -> dict[tuple[str, str], Callable]:
     """For each (backend, precision): a function of (inputs, a temporary folder) returning the
     call to time. Models are built (and compiled) once and reused for every batch size."""
     runners: dict[tuple[str, str], Callable] = {}
     if "torchvision" in backends:
-        tv = _torchvision_builder(name)()
+        tv = _torchvision_builder(name)(num_classes=model.num_classes)
         tv.load_state_dict(model.state_dict())  # the same weights: outputs are compared
         tv = tv.to(dev).eval()
         runners["torchvision", "fp32"] = lambda x, _t: lambda: tv(x)

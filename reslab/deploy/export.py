@@ -21,7 +21,7 @@ from reslab.deploy.fold import fold_batchnorm
 from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}  # file suffixes
 OPSET = 18
 
 

@@ -18,8 +18,8 @@ import torch
 from reslab.data import Placement, build_data, checkpoint_data, fixed_batches
 from reslab.deploy.export import export_model, ort_session
 from reslab.deploy.inputs import real_inputs
-from reslab.deploy.timing import latency, time_calls
 from reslab.engine import EvalStats, read_checkpoint
+from reslab.engine.timing import latency, time_calls
 from reslab.errors import ReslabError
 
 

@@ -1,17 +1,19 @@
-"""Checkpoints: the format a run writes (atomically), its resume state, and the one reader.
+"""Checkpoints: the one format (:class:`RunCheckpoint`), written atomically and read only here.
 
-A reslab checkpoint is a plain dict of tensors and plain data (read with ``weights_only=True``):
-the model's weights, what is needed to rebuild it (``arch``, ``model_args``, ``num_classes``,
-``in_chans``), its preprocessing and class names, the training config, and for resuming the
-optimizer, scaler, EMA, RNG states and the run's progress. :func:`read_checkpoint` turns a
-checkpoint or a bare weights file (torchvision, timm, ...) into a model and typed metadata.
+A reslab checkpoint is a dict of tensors and plain data (read with ``weights_only=True``): the
+model's weights, what rebuilds the model (``arch``, ``model_args``, ``num_classes``, ``in_chans``),
+its preprocessing and class names, and for training runs the config, the training policy, the
+optimizer, scaler and EMA states, RNG states, progress, the code version and the settings the run
+actually used. :class:`RunCheckpoint` is that dict typed; every reader and writer goes through it,
+and it reads the checkpoints of earlier reslab versions too. :func:`read_checkpoint` turns a
+checkpoint or a bare weights file (torchvision, timm, ...) into a model ready for inference.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from reslab.models import create_model
 from reslab.weights import atomic_save, extract_state_dict, load_weights, read_file
 
 LAST, BEST = "last.pt", "best.pt"
+FORMAT = 2  # 1: reslab <= 0.1.0 of 2026-11 (no "format", "settings" or "code_version" keys)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,96 @@ class TrainState:
 
 
 @dataclass
+class RunCheckpoint:
+    """Everything a reslab checkpoint holds. Files written by :func:`reslab.save_weights` have the
+    model part only (``state`` is None); training runs have all of it."""
+
+    model: dict[str, torch.Tensor]
+    arch: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    in_chans: int | None = None
+    classes: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None  # the training config as given ("auto" resolved anew on resume)
+    policy: dict[str, Any] | None = None  # how it trained beyond plain training (TrainPolicy.record)
+    state: TrainState | None = None
+    budget: Budget | None = None
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    ema: dict[str, torch.Tensor] | None = None
+    rng: dict[str, Any] | None = None
+    world: int = 1
+    settings: dict[str, Any] = field(default_factory=dict)  # what the run used: device, precision, ...
+    code_version: str = ""
+    format: int = FORMAT
+
+    @property
+    def resumable(self) -> bool:
+        return self.state is not None and self.budget is not None and self.optimizer is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["state"] = asdict(self.state) if self.state is not None else None
+        out["budget"] = asdict(self.budget) if self.budget is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> RunCheckpoint:
+        """A checkpoint's dict, of this version or an earlier one."""
+        if "arch" not in d or "model" not in d:
+            raise ReslabError(f"{source}: not a reslab checkpoint (it does not name its architecture)")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known and v is not None}
+        values["model"] = extract_state_dict(d, source=source)
+        values["format"] = int(d.get("format", 1))
+        if "state" in values:
+            values["state"] = TrainState.from_dict(values["state"])
+        if "budget" in values:
+            values["budget"] = Budget(**values["budget"])
+        if values.get("policy") and "kind" not in values["policy"]:  # format 1: {"finetune": {...}}
+            (kind, config), *_ = values["policy"].items()
+            values["policy"] = {
+                "kind": kind,
+                "module": f"reslab.{_OLD_POLICY_MODULES[kind]}",
+                "config": config,
+            }
+        return cls(**values)
+
+
+_OLD_POLICY_MODULES = {"finetune": "transfer"}
+
+
+def read_run_checkpoint(path: str | os.PathLike) -> RunCheckpoint:
+    """A reslab checkpoint file, typed."""
+    return RunCheckpoint.from_dict(read_file(path), source=str(path))
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.dtype.is_floating_point)
+
+
+def save_run_checkpoint(ckpt: RunCheckpoint, path: Path) -> None:
+    """Write atomically; weights that are no longer finite never replace a good checkpoint."""
+    if not all_finite(ckpt.model):
+        iteration = ckpt.state.iteration if ckpt.state is not None else "?"
+        raise NonFiniteLoss(
+            f"the weights are no longer finite at iteration {iteration}; not saving over {path}"
+        )
+    atomic_save(ckpt.to_dict(), path)
+
+
+def resume_file(run: str | os.PathLike) -> Path:
+    """The checkpoint to resume from: ``RUN_DIR/last.pt``, or a checkpoint file named directly."""
+    path = Path(run)
+    if path.is_file():
+        return path
+    if not (path / LAST).exists():
+        raise ReslabError(f"{path}: no {LAST} to resume from (resume takes a run directory or its {LAST})")
+    return path / LAST
+
+
+@dataclass
 class Checkpoint:
     """A model ready for inference and what belongs to it."""
 
@@ -110,53 +203,30 @@ def read_checkpoint(
     timm, ...; ``model`` names it) into a model in eval mode on ``device`` (default: CUDA when
     available), with its metadata."""
     obj = read_file(path)
-    recorded = obj.get("arch")
-    if model and recorded and model != recorded:
-        raise ReslabError(
-            f"{path} is a {recorded} checkpoint, but --model says {model}; drop --model "
-            "(it names the architecture of bare state dicts only)"
-        )
-    arch = recorded or model
-    if arch is None:
+    if "arch" in obj:
+        rc = RunCheckpoint.from_dict(obj, source=str(path))
+        if model and model != rc.arch:
+            raise ReslabError(
+                f"{path} is a {rc.arch} checkpoint, but --model says {model}; drop --model "
+                "(it names the architecture of bare state dicts only)"
+            )
+    elif model is None:
         raise ReslabError(f"{path}: a bare state dict does not say which model it is; pass --model NAME")
-    sd = extract_state_dict(obj, source=str(path))
-    num_classes = obj.get("num_classes") or (sd["fc.weight"].shape[0] if "fc.weight" in sd else None)
-    in_chans = obj.get("in_chans") or _first_conv_in_chans(sd)
-    model_args = dict(obj.get("model_args") or {})
-    net = create_model(arch, num_classes=num_classes, in_chans=in_chans, **model_args)
+    else:
+        rc = RunCheckpoint(extract_state_dict(obj, source=str(path)), model)
+    sd = rc.model
+    num_classes = rc.num_classes or (sd["fc.weight"].shape[0] if "fc.weight" in sd else None)
+    in_chans = rc.in_chans or _first_conv_in_chans(sd)
+    net = create_model(rc.arch, num_classes=num_classes, in_chans=in_chans, **rc.model_args)
     load_weights(net, sd)
-    stored = obj.get("preprocess")
-    pre = Preprocess.from_dict(stored) if stored else default_preprocess(arch, in_chans)
-    classes = obj.get("classes") or pre.classes or [str(i) for i in range(net.num_classes)]
+    pre = Preprocess.from_dict(rc.preprocess) if rc.preprocess else default_preprocess(rc.arch, in_chans)
+    classes = rc.classes or pre.classes or [str(i) for i in range(net.num_classes)]
     return Checkpoint(
         net.to(resolve_device(device)).eval(),
-        arch,
+        rc.arch,
         pre.replace(classes=tuple(classes)),
         str(path),
-        model_args,
-        obj.get("config"),
-        obj.get("policy"),
+        rc.model_args,
+        rc.config,
+        rc.policy,
     )
-
-
-def resume_file(run: str | os.PathLike) -> Path:
-    """The checkpoint to resume from: ``RUN_DIR/last.pt``, or a checkpoint file named directly."""
-    path = Path(run)
-    if path.is_file():
-        return path
-    if not (path / LAST).exists():
-        raise ReslabError(f"{path}: no {LAST} to resume from (resume takes a run directory or its {LAST})")
-    return path / LAST
-
-
-def all_finite(model: nn.Module) -> bool:
-    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.dtype.is_floating_point)
-
-
-def save_checkpoint(content: dict[str, Any], model: nn.Module, path: Path, iteration: int) -> None:
-    """Write atomically; weights that are no longer finite never replace a good checkpoint."""
-    if not all_finite(model):
-        raise NonFiniteLoss(
-            f"the weights are no longer finite at iteration {iteration}; not saving over {path}"
-        )
-    atomic_save(content, path)

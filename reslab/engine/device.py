@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from reslab.config import TrainConfig
+from reslab.engine.timing import time_calls
 from reslab.errors import ReslabError
 
 LARGE_INPUT = 128  # inputs this wide and wider are ImageNet-sized: torch.compile pays off there
@@ -56,8 +56,7 @@ def for_device(cfg: TrainConfig, device: torch.device, input_size: int) -> Train
     if compile_ == "auto":
         compile_ = "on" if cuda and input_size >= LARGE_INPUT else "off"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        set_tf32(cfg.tf32)
     return dataclasses.replace(cfg, amp=amp, compile=compile_)
 
 
@@ -65,8 +64,16 @@ DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, 
 
 
 def set_tf32(on: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions: the one switch (no effect on CPUs)."""
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
+
+
+def pytorch_tf32_defaults() -> None:
+    """PyTorch's own defaults, as a reference model runs for its users: TF32 for convolutions
+    (cuDNN), not for matmuls."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def at_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -96,24 +103,48 @@ class Precise(nn.Module):
 
 
 @torch.no_grad()
-def choose_precision(
-    build: Callable[[str], nn.Module], x: torch.Tensor, device: torch.device, reps: int = 10
-) -> tuple[str, dict]:
-    """``auto`` precision for inference: fp32 on CPUs; on CUDA bf16 or fp16, whichever runs the
-    model ``build(precision)`` returns faster on ``x`` here (ms per batch measured for both)."""
-    if device.type != "cuda":
-        return "fp32", {}
-    timings = {}
-    for precision in ("bf16", "fp16"):
-        candidate = build(precision)
-        candidate(x)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            candidate(x)
-        synchronize(device)
-        timings[precision] = (time.perf_counter() - t0) / reps
-    return min(timings, key=timings.get), {"ms_per_batch": {k: 1e3 * v for k, v in timings.items()}}
+def resolve_precision(
+    precision: str,
+    build: Callable[[str], nn.Module],
+    probe: Callable[[], torch.Tensor] | None,
+    device: torch.device,
+    agreement: bool = True,
+) -> dict[str, Any]:
+    """The precision inference runs in, as a record: ``precision``, and how it was chosen.
+
+    ``auto``: fp32 on CPUs; on CUDA bf16 or fp16, whichever runs the model ``build(precision)``
+    returns faster on ``probe()``'s real inputs (ms per batch of both recorded). ``tf32`` off
+    CUDA is fp32 (CPUs have no TF32) and says so. With ``agreement``, a precision other than fp32
+    is checked against fp32: the share of ``probe()``'s inputs whose top-1 class agrees.
+    """
+    cuda = device.type == "cuda"
+    chosen: dict[str, Any] = {"precision": precision}
+    if precision == "tf32" and not cuda:
+        return {"precision": "fp32", "asked": "tf32", "why": "no TF32 off CUDA"}
+    if precision == "auto" and not cuda:
+        return {"precision": "fp32", "chosen_from": "auto"}
+    if precision == "fp32" or (precision != "auto" and not agreement) or probe is None:
+        return chosen
+    x = probe()
+    if precision == "auto":
+        timings = {}
+        for candidate in ("bf16", "fp16"):
+            model = build(candidate)
+            times = time_calls(
+                lambda m=model: m(x), 0.0, warmup=1, min_runs=10, sync=lambda: synchronize(device)
+            )
+            timings[candidate] = sorted(times)[len(times) // 2]
+        best = min(timings, key=timings.get)
+        chosen = {
+            "precision": best,
+            "chosen_from": "auto",
+            "ms_per_batch": {k: 1e3 * v for k, v in timings.items()},
+        }
+    if agreement:
+        reference = build("fp32")(x).argmax(1)
+        agree = (build(chosen["precision"])(x).argmax(1) == reference).float().mean().item()
+        chosen.update(top1_agreement_with_fp32=agree, agreement_images=len(x))
+    return chosen
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

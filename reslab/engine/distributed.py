@@ -6,7 +6,9 @@ single code path.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,6 +53,18 @@ def shutdown() -> None:
     """Leave the process group cleanly (a process that exits inside it can abort its peers)."""
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_name: str = "auto") -> Iterator[DistContext]:
+    """The process group of a run: joined on entry (when torchrun started several processes), left
+    on exit, also after an error or an interruption."""
+    joined = not tdist.is_initialized()
+    try:
+        yield setup(device_name)
+    finally:
+        if joined:
+            shutdown()
 
 
 def world_size() -> int:

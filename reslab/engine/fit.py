@@ -1,23 +1,28 @@
 """``fit``: wire data, model, step and run directory into a training run, epoch after epoch.
 
-Everything a run needs lives on one :class:`Run`, which ``fit`` opens, trains and finishes.
-Anything beyond plain training (fine-tuning's pretrained weights, frozen and unfrozen stages)
-comes in through a :class:`TrainPolicy`: the engine knows nothing of it.
+Everything a run needs lives on one :class:`Run`, which ``fit`` opens, trains and finishes. The
+engine owns resuming: ``fit(resume=RUN)`` reads the run's checkpoint once and rebuilds everything
+from it, the training policy included. Anything beyond plain training (fine-tuning's pretrained
+weights, frozen and unfrozen stages) comes in through a :class:`TrainPolicy`, recorded in the
+checkpoint by kind; the engine knows nothing of any particular one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,22 +30,39 @@ from torch import nn
 from reslab.config import TrainConfig, load_config, to_dict
 from reslab.data import Data, Placement, TensorLoader, build_data
 from reslab.engine import distributed as dist
-from reslab.engine.checkpoint import BEST, LAST, Budget, TrainState, resume_file, save_checkpoint
+from reslab.engine.checkpoint import (
+    BEST,
+    LAST,
+    Budget,
+    RunCheckpoint,
+    TrainState,
+    read_run_checkpoint,
+    resume_file,
+    save_run_checkpoint,
+)
 from reslab.engine.device import for_device, resolve_device, rng_state, set_rng_state
 from reslab.engine.evaluate import eval_report, evaluate
-from reslab.engine.graphs import CapturedStep, make_step
-from reslab.engine.rundir import RunLog, default_run_dir, epoch_line, plot_curves, write_header
+from reslab.engine.graphs import CapturedStep, graph_blockers, make_step
+from reslab.engine.rundir import RunLog, code_version, default_run_dir, epoch_line, plot_curves, write_header
 from reslab.engine.train import EMA, Stop, TrainStep, build_optimizer, train_one_epoch
 from reslab.errors import NonFiniteLoss, ReslabError, TrainingInterrupted
 from reslab.models import create_model
-from reslab.weights import read_file
 
 SMALL_BATCH = 16
 
 
 class TrainPolicy:
     """Plain training: a fresh model, one parameter group, every part trained. Subclasses change
-    any of these steps; :meth:`to_dict` is saved in checkpoints so a resumed run can rebuild them."""
+    any of these steps, name their ``kind`` and say how to rebuild themselves
+    (:meth:`config`, :meth:`from_config`): checkpoints record them, so ``fit(resume=...)`` rebuilds
+    the policy a run was trained with."""
+
+    kind: ClassVar[str] = "plain"
+    _kinds: ClassVar[dict[str, type[TrainPolicy]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        TrainPolicy._kinds[cls.kind] = cls
 
     def build_model(self, cfg: TrainConfig, data: Data, model_args: dict[str, Any], fresh: bool) -> nn.Module:
         """The network to train (``fresh``: a new run; otherwise a resumed run loads its weights)."""
@@ -57,8 +79,35 @@ class TrainPolicy:
     def train_mode(self, model: nn.Module) -> None:
         model.train()
 
-    def to_dict(self) -> dict[str, Any] | None:
-        return None
+    def config(self) -> dict[str, Any]:
+        """Plain data that :meth:`from_config` rebuilds this policy from."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrainPolicy:
+        return cls()
+
+    def record(self) -> dict[str, Any] | None:
+        """What a checkpoint records of the policy (None for plain training)."""
+        if type(self) is TrainPolicy:
+            return None
+        return {"kind": self.kind, "module": type(self).__module__, "config": self.config()}
+
+
+def policy_from_record(record: dict[str, Any] | None, source: str = "checkpoint") -> TrainPolicy:
+    """The policy a checkpoint was trained with. Its module is imported when it is one of reslab's
+    (a checkpoint never makes reslab import anything else)."""
+    if not record:
+        return TrainPolicy()
+    kind, module = record["kind"], record.get("module", "")
+    if kind not in TrainPolicy._kinds and module.split(".")[0] == "reslab":
+        importlib.import_module(module)
+    if kind not in TrainPolicy._kinds:
+        raise ReslabError(
+            f"{source}: trained with the {kind!r} policy of {module or 'an unknown module'}; import it "
+            "before resuming"
+        )
+    return TrainPolicy._kinds[kind].from_config(record.get("config") or {})
 
 
 @dataclass
@@ -72,6 +121,7 @@ class RunResult:
     seconds: float
     best_err: float
     summary: dict[str, Any]
+    is_main: bool = True  # the process that reports (rank 0 under torchrun)
 
 
 @dataclass
@@ -89,8 +139,9 @@ class Run:
     state: TrainState
     budget: Budget
     policy: TrainPolicy
-    meta: dict[str, Any]  # what a checkpoint says about the model and the data
+    settings: dict[str, Any]  # what the run actually uses (device, precision, TF32, graphs, ...)
     log: RunLog | None = None
+    on_log: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -105,22 +156,38 @@ class Run:
             / (self.steps_per_epoch * self.ctx.world * self.cfg.data.batch_size)
         )
 
+    def checkpoint(self) -> RunCheckpoint:
+        step, data = self.step, self.data
+        return RunCheckpoint(
+            model=self.model.state_dict(),
+            arch=self.cfg.model,
+            model_args={k: v for k, v in self.cfg.model_args.items() if k not in ("num_classes", "in_chans")},
+            num_classes=len(data.classes),
+            in_chans=data.in_chans,
+            classes=data.classes,
+            preprocess=data.preprocess.to_dict(),
+            config=to_dict(self.asked),
+            policy=self.policy.record(),
+            state=self.state,
+            budget=self.budget,
+            optimizer=step.optimizer.state_dict(),
+            scaler=step.scaler.state_dict() if step.scaler is not None else None,
+            ema=step.ema.module.state_dict() if step.ema is not None else None,
+            rng=rng_state(self.device),
+            world=self.ctx.world,
+            settings=self.settings,
+            code_version=self.settings["code_version"],
+        )
+
     def save(self, name: str) -> None:
-        if not self.ctx.is_main:
-            return
-        step = self.step
-        content = {
-            "model": self.model.state_dict(),
-            **self.meta,
-            "optimizer": step.optimizer.state_dict(),
-            "scaler": step.scaler.state_dict() if step.scaler is not None else None,
-            "ema": step.ema.module.state_dict() if step.ema is not None else None,
-            "state": asdict(self.state),
-            "budget": asdict(self.budget),
-            "rng": rng_state(self.device),
-            "config": to_dict(self.asked),
-        }
-        save_checkpoint(content, self.model, self.run_dir / name, self.state.iteration)
+        if self.ctx.is_main:
+            save_run_checkpoint(self.checkpoint(), self.run_dir / name)
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(row)
+        if self.on_log is not None:
+            self.on_log(row)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
         return evaluate(model or self.model, self.data.eval, self.device, self.cfg.amp)
@@ -134,11 +201,52 @@ class Run:
 
 
 def fit(
-    cfg: TrainConfig, *, resume: str | os.PathLike | None = None, policy: TrainPolicy | None = None
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    policy: TrainPolicy | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    iters: int | None = None,
+    epochs: float | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says; resume from a run directory (or its
-    ``last.pt``) if given. ``policy`` changes how the model is built and trained (fine-tuning)."""
-    run = open_run(cfg, resume, policy or TrainPolicy())
+    """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says, or continue the run ``resume`` names
+    (its directory or a checkpoint in it) exactly where it stopped, with the config and training
+    policy its checkpoint records. ``policy`` changes how a new run's model is built and trained
+    (fine-tuning).
+
+    What may change when a run continues is said explicitly: ``device``, ``progress``, and a new
+    budget (``iters`` or ``epochs``, counted from the start of the run). ``on_log`` receives every
+    metrics row as it is written. Under torchrun every process calls ``fit``: it joins the process
+    group and leaves it, and only rank 0 writes (``RunResult.is_main``).
+    """
+    changes = {k: v for k, v in (("device", device), ("progress", progress)) if v is not None}
+    budget = {"iters": iters, "epochs": epochs} if iters is not None or epochs is not None else {}
+    ckpt, run_dir = None, None
+    if resume is not None:
+        if cfg is not None or policy is not None:
+            raise ReslabError(
+                "a resumed run continues with the config and policy its checkpoint records; pass "
+                "what changes as keywords (device, progress, iters, epochs)"
+            )
+        file = resume_file(resume)
+        ckpt, run_dir = read_run_checkpoint(file), file.parent
+        if not ckpt.resumable:
+            raise ReslabError(f"{file}: holds weights only, not a training run to resume")
+        cfg = load_config(base=ckpt.config or {}, overrides={**changes, **budget})
+        policy = policy_from_record(ckpt.policy, str(file))
+    elif cfg is None:
+        raise ReslabError("fit needs a config (reslab.config.load_config) or resume=RUN_DIR")
+    else:
+        cfg = dataclasses.replace(cfg, **changes, **budget)
+    with dist.session(cfg.device) as ctx:
+        run = _open(cfg, ctx, policy or TrainPolicy(), ckpt, run_dir, new_budget=bool(budget))
+        run.on_log = on_log
+        return _train(run)
+
+
+def _train(run: Run) -> RunResult:
     t0 = time.perf_counter()
     last_row: dict[str, Any] = {}
     last_eval: dict[str, Any] | None = None
@@ -165,23 +273,23 @@ def fit(
     return _finish(run, last_row, last_eval, time.perf_counter() - t0)
 
 
-def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPolicy) -> Run:
-    """Everything a run needs, from a config or from the checkpoint of the run it resumes."""
-    ctx = dist.setup(cfg.device)
+def _open(
+    cfg: TrainConfig,
+    ctx: dist.DistContext,
+    policy: TrainPolicy,
+    ckpt: RunCheckpoint | None,
+    run_dir: Path | None = None,
+    new_budget: bool = False,
+) -> Run:
+    """Everything a run needs, fresh or from the checkpoint of the run it continues (with its own
+    budget, or ``new_budget``: the config's, counted from the start of the run)."""
     device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
-    ckpt = None
-    if resume is None:
+    if run_dir is None:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         if (run_dir / LAST).exists():
             raise ReslabError(
                 f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
             )
-    else:
-        path = resume_file(resume)
-        run_dir, ckpt = path.parent, read_file(path)
-        cfg = load_config(base=ckpt["config"], overrides={"device": cfg.device, "progress": cfg.progress})
-        if ckpt.get("policy") != policy.to_dict():
-            raise ReslabError(f"{path}: was trained with policy {ckpt.get('policy')}, not {policy.to_dict()}")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -200,8 +308,8 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
         )
     # The decoding path is recorded as chosen, so that a resumed run continues with the same pixels.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode=data.decode))
-    asked, cfg = cfg, for_device(cfg, device, data.preprocess.size[-1])  # "auto" speed settings resolved
+    asked = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode=data.decode))
+    cfg = for_device(asked, device, data.preprocess.size[-1])  # "auto" speed settings resolved
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = policy.build_model(cfg, data, model_args, ckpt is None)
     _check_fits(model, data, cfg)
@@ -227,30 +335,23 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
             "lower data.batch_size"
         )
-    epochs = cfg.epochs if cfg.epochs is not None else 1.0
-    budget = Budget(cfg.iters if cfg.iters is not None else math.ceil(epochs * len(data.train)), global_batch)
+    budget = Budget(_total_iters(cfg, len(data.train)), global_batch)
     state = TrainState()
     if ckpt is not None:
         state, budget = _restore(ckpt, model, optimizer, scaler, ema, ctx.world, global_batch, device)
+        if new_budget:
+            budget = dataclasses.replace(budget, total_iters=_total_iters(cfg, len(data.train)))
     _start_epoch(policy, state, model, ctx)  # before DDP wraps the model: it registers trainable parameters
     train_model = dist.wrap(model, ctx)
     if cfg.compile == "on":
         train_model = torch.compile(train_model)
     static = isinstance(data.train, TensorLoader)  # every training batch has the same shape
     step = make_step(train_model, optimizer, cfg, device, scaler, ema, static_batches=static, world=ctx.world)
-    meta = {
-        "arch": cfg.model,
-        "model_args": {k: v for k, v in model_args.items() if k != "num_classes"},
-        "num_classes": num_classes,
-        "in_chans": data.in_chans,
-        "classes": data.classes,
-        "preprocess": data.preprocess.to_dict(),
-        "world": ctx.world,
-        "policy": policy.to_dict(),
-    }
-    run = Run(cfg, asked, run_dir, ctx, device, data, model, step, state, budget, policy, meta)
+    settings = _settings(cfg, device, ctx, data, step, static)
+    cfg = dataclasses.replace(cfg, cuda_graphs=settings["cuda_graphs"], tf32=settings["tf32"])
+    run = Run(cfg, asked, run_dir, ctx, device, data, model, step, state, budget, policy, settings)
     if ctx.is_main:
-        write_header(run_dir, asked, device, ctx.world, policy.to_dict())
+        write_header(run_dir, cfg, settings, policy.record())
         _report_data(data, run_dir)
         run.log = RunLog(run_dir)
         if ckpt is not None:
@@ -267,12 +368,42 @@ def open_run(cfg: TrainConfig, resume: str | os.PathLike | None, policy: TrainPo
             rates = ", ".join(f"{k} {v:.0f} img/s" for k, v in data.decode_choice["img_s"].items())
             print(f"reslab: decoding images on the {data.decode} path (measured here: {rates})")
         if device.type == "cuda":
-            graphed = "one CUDA graph per step" if isinstance(step, CapturedStep) else "eager steps"
+            graphed = "one CUDA graph per step" if settings["cuda_graphs"] == "on" else "eager steps"
             print(
-                f"reslab: on {torch.cuda.get_device_name(device)}: amp {cfg.amp}, TF32 {'on' if cfg.tf32 else 'off'}, "
+                f"reslab: on {settings['device_name']}: amp {cfg.amp}, TF32 {'on' if cfg.tf32 else 'off'}, "
                 f"torch.compile {cfg.compile}, {graphed}"
             )
     return run
+
+
+def _total_iters(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    return cfg.iters if cfg.iters is not None else math.ceil(epochs * steps_per_epoch)
+
+
+def _settings(
+    cfg: TrainConfig, device: torch.device, ctx: dist.DistContext, data: Data, step: TrainStep, static: bool
+) -> dict[str, Any]:
+    """What the run actually uses, with the reasons where "auto" or a refusal decided."""
+    captured = isinstance(step, CapturedStep) and step.capture
+    blockers = graph_blockers(cfg, device, static_batches=static, world=ctx.world)
+    why = "captured" if captured else ("; ".join(blockers) if cfg.cuda_graphs != "off" else "cuda_graphs=off")
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "world": ctx.world,
+        "amp": cfg.amp,
+        "tf32": cfg.tf32 and cuda,
+        "compile": cfg.compile,
+        "cuda_graphs": "on" if captured else "off",
+        "cuda_graphs_why": why,
+        "channels_last": cfg.channels_last,
+        "decode": data.decode,
+        "decode_choice": data.decode_choice,
+        "torch": str(torch.__version__),
+        "code_version": code_version(),
+    }
 
 
 def _check_fits(model: nn.Module, data: Data, cfg: TrainConfig) -> None:
@@ -287,23 +418,24 @@ def _check_fits(model: nn.Module, data: Data, cfg: TrainConfig) -> None:
 
 
 def _restore(
-    ckpt: dict[str, Any], model, optimizer, scaler, ema, world: int, global_batch: int, device
+    ckpt: RunCheckpoint, model, optimizer, scaler, ema, world: int, global_batch: int, device
 ) -> tuple[TrainState, Budget]:
     """Load a checkpoint's model, optimizer, scaler, EMA, RNG and progress into this run."""
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.model)
     fresh_lrs = [(g["lr"], g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("world", 1) != world:  # the learning rate follows this run's global batch
+    optimizer.load_state_dict(ckpt.optimizer)
+    if ckpt.world != world:  # the learning rate follows this run's global batch
         for g, (lr, initial) in zip(optimizer.param_groups, fresh_lrs, strict=True):
             g["lr"], g["initial_lr"] = lr, initial
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema"):
-        ema.module.load_state_dict(ckpt["ema"])
-    state = TrainState.from_dict(ckpt["state"])
+    if scaler is not None and ckpt.scaler:
+        scaler.load_state_dict(ckpt.scaler)
+    if ema is not None and ckpt.ema:
+        ema.module.load_state_dict(ckpt.ema)
+    state = dataclasses.replace(ckpt.state)
     state.step = state.epoch_samples // global_batch  # this run's batches, when the world size changed
-    set_rng_state(ckpt["rng"], device)
-    return state, Budget(**ckpt["budget"])
+    if ckpt.rng is not None:
+        set_rng_state(ckpt.rng, device)
+    return state, ckpt.budget
 
 
 def _run_epoch(run: Run, stop: Stop) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -317,7 +449,7 @@ def _run_epoch(run: Run, stop: Stop) -> tuple[dict[str, Any] | None, dict[str, A
         state,
         run.cfg,
         budget=run.budget,
-        log=run.log,
+        log=run.log_row if run.ctx.is_main else None,
         stop=stop,
         on_step=partial(_periodic_eval, run),
         train_mode=run.policy.train_mode,
@@ -332,7 +464,8 @@ def _run_epoch(run: Run, stop: Stop) -> tuple[dict[str, Any] | None, dict[str, A
         raise TrainingInterrupted(
             f"interrupted at epoch {state.epoch + (0 if finished else 1)}, iteration "
             f"{state.iteration}/{run.budget.total_iters}: saved {run.run_dir / LAST}; resume with: "
-            f"reslab train --resume {run.run_dir}"
+            f"reslab train --resume {run.run_dir}",
+            is_main=run.ctx.is_main,
         )
     return row, ev
 
@@ -352,8 +485,8 @@ def _periodic_eval(run: Run, state: TrainState) -> None:
         and not run.budget.done(state)
     ):
         ev = run.evaluate()
-        if run.log is not None:
-            run.log.log(
+        if run.ctx.is_main:
+            run.log_row(
                 {
                     "kind": "eval",
                     "iteration": state.iteration,
@@ -392,8 +525,8 @@ def _end_epoch(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
         if ev["err"] < state.best_err:
             state.best_err, state.best_iteration = ev["err"], state.iteration
             run.save(BEST)
-    if run.log is not None:
-        run.log.log(row)
+    if run.ctx.is_main:
+        run.log_row(row)
         print(epoch_line(row, run.total_epochs, run.data.eval_split), flush=True)
     run.save(LAST)
     return row, ev
@@ -424,7 +557,7 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
         "device": str(run.device),
         "world": run.ctx.world,
         "decode": data.decode,
-        "decode_choice": data.decode_choice,
+        "settings": run.settings,
         "per_class_acc": report["per_class_acc"],
         "confusion_png": report.get("confusion_png"),
     }
@@ -443,6 +576,7 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
         seconds,
         state.best_err,
         summary,
+        main,
     )
 
 

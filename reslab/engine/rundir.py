@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from reslab import __version__
 from reslab.config import TrainConfig, save_config
@@ -69,10 +70,11 @@ def code_version() -> str:
 
 
 def write_header(
-    run_dir: Path, cfg: TrainConfig, device: torch.device, world: int, policy: dict[str, Any] | None = None
+    run_dir: Path, cfg: TrainConfig, settings: dict[str, Any], policy: dict[str, Any] | None = None
 ) -> None:
-    """``config.yaml`` (the resolved config), ``policy.yaml`` (how it trains beyond plain training,
-    e.g. fine-tuning) and a line in ``command.txt`` (command, code version, device)."""
+    """``config.yaml`` (the config the run uses, its "auto" settings resolved for this device),
+    ``policy.yaml`` (how it trains beyond plain training, e.g. fine-tuning) and a line in
+    ``command.txt`` (command, directory, code version, device)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     if policy is not None:
@@ -80,7 +82,8 @@ def write_header(
     with open(run_dir / "command.txt", "a") as f:
         f.write(
             f"{datetime.now().isoformat(timespec='seconds')}  {' '.join(sys.argv)}\n"
-            f"  cwd {os.getcwd()}; {code_version()}; torch {torch.__version__}; device {device}; world {world}\n"
+            f"  cwd {os.getcwd()}; {settings['code_version']}; torch {torch.__version__}; "
+            f"device {settings['device']} ({settings['device_name']}); world {settings['world']}\n"
         )
 
 
@@ -91,14 +94,7 @@ class RunLog:
         self.dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
-        self.tb = None
-        if tensorboard:
-            try:  # tensorboard is optional for users
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+        self.tb = SummaryWriter(str(run_dir / "tensorboard")) if tensorboard else None
 
     def truncate_after(self, iteration: int) -> None:
         """Drop rows written after ``iteration`` (a resumed run rewrites them identically)."""

@@ -27,7 +27,6 @@ from reslab.data import Loader
 from reslab.engine import distributed as dist
 from reslab.engine.checkpoint import Budget, TrainState
 from reslab.engine.device import autocast
-from reslab.engine.rundir import RunLog
 from reslab.engine.schedule import lr_factor
 from reslab.errors import NonFiniteLoss
 
@@ -184,7 +183,7 @@ def train_one_epoch(
     cfg: TrainConfig,
     *,
     budget: Budget,
-    log: RunLog | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
     stop: Stop | None = None,
     on_step: Callable[[TrainState], None] | None = None,
     train_mode: Callable[[nn.Module], Any] | None = None,
@@ -257,7 +256,7 @@ def train_one_epoch(
 
 
 def _flush_window(
-    step: TrainStep, window: dict, state: TrainState, log: RunLog | None
+    step: TrainStep, window: dict, state: TrainState, log: Callable[[dict[str, Any]], None] | None
 ) -> dict[str, Any] | None:
     """Fold the logging window into the epoch's sums and write (and return) an iteration row."""
     loss, err, n = dist.all_reduce_sum(step.sums[0], step.sums[1], window["n"])
@@ -280,7 +279,7 @@ def _flush_window(
             "img_s": n / max(elapsed, 1e-9),
         }
         if log is not None:
-            log.log(row)
+            log(row)
     window["n"] = 0
     window["t"] = time.perf_counter()
     return row

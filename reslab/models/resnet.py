@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -268,6 +268,80 @@ def _stem_pool(
     return nn.Sequential(nn.MaxPool2d(3, 1, 1), aa_layer(w, 2))
 
 
+@dataclass(frozen=True)
+class BlockLayers:
+    """The layer types every block of a stage is built from."""
+
+    conv: ConvMaker
+    norm: NormLayer
+    act: ActLayer
+    attn: AttnLayer | None = None
+    aa: AALayer | None = None
+
+
+def make_stage(
+    spec: ResNetSpec,
+    s: int,
+    in_chs: int,
+    stride: int,
+    dilation: tuple[int, int],
+    reduction: int,
+    first_block: int,
+    drop_path_rate: float,
+    layers: BlockLayers,
+) -> nn.Sequential:
+    """Stage ``s`` of ``spec``: its blocks, the first one striding (and changing width), each with
+    the transform, shortcut and layer types the spec names. ``dilation``: (the previous stage's,
+    this stage's); ``first_block``: the index of the stage's first block in the whole network
+    (pruned widths and the stochastic-depth rate run over all blocks)."""
+    total_blocks, planes = sum(spec.depths), spec.widths[s]
+    blocks = []
+    for b in range(spec.depths[s]):
+        idx = first_block + b
+        widths = spec.block_widths[idx] if spec.block_widths else None
+        out_chs = widths[-1] if widths else planes * spec.expansion
+        problem = shortcut_problem(spec.shortcut, in_chs, out_chs)
+        if problem:
+            size = "x".join(str(max(1, d // reduction)) for d in spec.input_size)
+            raise ReslabError(
+                f"layer{s + 1}.{b}: residual branch gives {out_chs}x{size} but the option-"
+                f"{spec.shortcut} shortcut gives {in_chs}x{size} ({problem}); use a projection "
+                "shortcut (shortcut='B' or 'C')"
+            )
+        block_stride = stride if b == 0 else 1
+        dpr = drop_path_rate * idx / max(1, total_blocks - 1)  # linear decay (Huang et al.)
+        convs = TRANSFORMS[spec.block](
+            in_chs, planes, block_stride, spec, (dilation[0] if b == 0 else dilation[1], dilation[1]), widths
+        )
+        shortcut = make_shortcut(
+            spec.shortcut,
+            in_chs,
+            out_chs,
+            block_stride,
+            layers.conv,
+            preact=spec.preact,
+            kernel=spec.shortcut_kernel,
+        )
+        blocks.append(
+            ResidualBlock(
+                convs,
+                shortcut=shortcut,
+                residual=spec.residual,
+                preact=spec.preact,
+                conv_layer=layers.conv,
+                norm_layer=layers.norm,
+                act_layer=layers.act,
+                attn_layer=layers.attn,
+                aa_layer=layers.aa,
+                dropout=spec.dropout,
+                drop_path=dpr if spec.residual else 0.0,
+                layout=spec.layout,
+            )
+        )
+        in_chs = out_chs
+    return nn.Sequential(*blocks)
+
+
 class ResNet(nn.Module):
     """Every reslab network. Build one from a registered name with :func:`reslab.create_model`.
 
@@ -326,66 +400,30 @@ class ResNet(nn.Module):
             )
         ]
 
-        in_chs, dilation = spec.stem_width, 1
-        total_blocks, block_idx = sum(spec.depths), 0
+        in_chs, dilation, first_block = spec.stem_width, 1, 0
         self.stage_names = []
-        for s, (depth, planes, conv_kind) in enumerate(zip(spec.depths, spec.widths, spec.conv, strict=True)):
+        for s in range(len(spec.depths)):
             stride, prev_dilation = (1 if s == 0 else 2), dilation
             if output_stride is not None and reduction * stride > output_stride:
                 dilation, stride = dilation * stride, 1  # keep resolution, grow the receptive field
             reduction *= stride
-            conv = ConvMaker(conv_kind, spec.ndim, norm_layer, act_layer)
             stage_attn = (
                 partial(attn_layer, **spec.attn_kwargs(s)) if attn_layer and spec_attn else attn_layer
             )
-            blocks = []
-            for b in range(depth):
-                widths = spec.block_widths[block_idx] if spec.block_widths else None
-                out_chs = widths[-1] if widths else planes * spec.expansion
-                problem = shortcut_problem(spec.shortcut, in_chs, out_chs)
-                if problem:
-                    size = "x".join(str(max(1, d // reduction)) for d in spec.input_size)
-                    raise ReslabError(
-                        f"layer{s + 1}.{b}: residual branch gives {out_chs}x{size} but the option-"
-                        f"{spec.shortcut} shortcut gives {in_chs}x{size} ({problem}); use a projection "
-                        "shortcut (shortcut='B' or 'C')"
-                    )
-                block_stride = stride if b == 0 else 1
-                dpr = drop_path_rate * block_idx / max(1, total_blocks - 1)  # linear decay (Huang et al.)
-                blocks.append(
-                    ResidualBlock(
-                        TRANSFORMS[spec.block](
-                            in_chs,
-                            planes,
-                            block_stride,
-                            spec,
-                            (prev_dilation if b == 0 else dilation, dilation),
-                            widths,
-                        ),
-                        shortcut=make_shortcut(
-                            spec.shortcut,
-                            in_chs,
-                            out_chs,
-                            block_stride,
-                            conv,
-                            preact=spec.preact,
-                            kernel=spec.shortcut_kernel,
-                        ),
-                        residual=spec.residual,
-                        preact=spec.preact,
-                        conv_layer=conv,
-                        norm_layer=norm_layer,
-                        act_layer=act_layer,
-                        attn_layer=stage_attn,
-                        aa_layer=aa_layer,
-                        dropout=spec.dropout,
-                        drop_path=dpr if spec.residual else 0.0,
-                        layout=spec.layout,
-                    )
-                )
-                in_chs, block_idx = out_chs, block_idx + 1
+            layers = BlockLayers(
+                ConvMaker(spec.conv[s], spec.ndim, norm_layer, act_layer),
+                norm_layer,
+                act_layer,
+                stage_attn,
+                aa_layer,
+            )
+            stage = make_stage(
+                spec, s, in_chs, stride, (prev_dilation, dilation), reduction, first_block,
+                drop_path_rate, layers,
+            )  # fmt: skip
+            in_chs, first_block = stage[-1].out_chs, first_block + spec.depths[s]
             self.stage_names.append(f"layer{s + 1}")
-            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+            self.add_module(f"layer{s + 1}", stage)
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{s + 1}"))
 
         self.num_features = in_chs

@@ -30,7 +30,7 @@ from typing import Any
 from reslab.errors import ReslabError
 from reslab.models.layers import AA_LAYERS, ATTN_LAYERS, NORM_LAYERS
 
-TRANSFORMS = ("basic", "bottleneck")
+BLOCKS = ("basic", "bottleneck")  # the transforms, built by resnet.TRANSFORMS
 EXPANSION = {"basic": 1, "bottleneck": 4}
 CONVS_PER_BLOCK = {"basic": 2, "bottleneck": 3}
 STEMS = ("imagenet", "cifar", "deep", "deep_tiered", "video", "video_2plus1d")
@@ -75,8 +75,8 @@ class ResNetSpec:
         if len(self.conv) == 1 and len(self.depths) > 1:
             object.__setattr__(self, "conv", self.conv * len(self.depths))
         problems = []
-        if self.block not in TRANSFORMS:
-            problems.append(f"block={self.block!r} (choose from {', '.join(TRANSFORMS)})")
+        if self.block not in BLOCKS:
+            problems.append(f"block={self.block!r} (choose from {', '.join(BLOCKS)})")
         if len(self.depths) != len(self.widths) or not self.depths:
             problems.append(f"depths {self.depths} and widths {self.widths} need one entry per stage")
         if any(d < 1 for d in self.depths):
@@ -132,11 +132,6 @@ class ResNetSpec:
     @property
     def residual(self) -> bool:
         return self.shortcut != "none"
-
-    @property
-    def out_widths(self) -> tuple[int, ...]:
-        """Output channels of each stage."""
-        return tuple(w * self.expansion for w in self.widths)
 
     @property
     def num_layers(self) -> int:

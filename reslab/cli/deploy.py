@@ -1,0 +1,194 @@
+"""Deployment commands: ``export``, ``quantize``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reslab.cli.options import Handler, add_model_option, command, format_table, pct
+from reslab.config import (
+    POSITIVE,
+    ExportFormat,
+    ExportPrecision,
+    add_device_option,
+    arg_type,
+    choices,
+    int_list,
+)
+
+
+def _batch_arg(text: str) -> str | int:
+    return text if text == "dynamic" else arg_type(int, POSITIVE)(text)
+
+
+_batch_arg.constraint = POSITIVE
+_positive_ints = int_list(POSITIVE)
+
+
+@command("export", "export a checkpoint to ONNX / TorchScript / torch.export and verify it on real images")
+def _export(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--format", required=True, choices=choices(ExportFormat))
+    p.add_argument(
+        "--batch", type=_batch_arg, default="dynamic", help="dynamic (default) or a fixed batch size"
+    )
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions first")
+    p.add_argument(
+        "--precision", choices=choices(ExportPrecision), default="fp32", help="fp16: half-precision ONNX"
+    )
+    p.add_argument("--out", metavar="FILE")
+    add_model_option(p)
+    p.add_argument(
+        "--images", metavar="DIR", help="real images to verify on (default: the checkpoint's test data)"
+    )
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy import real_inputs
+        from reslab.deploy.export import FORMATS, export_model
+        from reslab.engine import read_checkpoint
+
+        ckpt = read_checkpoint(args.checkpoint, args.model)
+        out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format]))
+        report = export_model(
+            ckpt,
+            args.format,
+            out,
+            batch=args.batch,
+            fold_bn=args.fold_bn,
+            verify_inputs=real_inputs(ckpt, args.images, 16),
+            precision=args.precision,
+        )
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print(
+                f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {args.batch}"
+                f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
+            )
+            print(
+                f"verified on {report['verified_on']} real images against the fp32 model"
+                + (f" with {report['verified_with']}" if "verified_with" in report else "")
+                + f": max abs diff {report['max_abs_diff']:.2e}, top-1 agreement {100 * report['top1_agreement']:.1f}%"
+            )
+        return 0
+
+    return run
+
+
+@command(
+    "quantize", "int8 post-training quantization (ONNX Runtime) with its accuracy and speed cost measured"
+)
+def _quantize(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument(
+        "--calib", metavar="DIR", help="calibration images (default: the checkpoint's training images)"
+    )
+    p.add_argument(
+        "--calib-n", type=arg_type(int, POSITIVE), default=256, help="number of calibration images"
+    )
+    p.add_argument("--out", metavar="FILE.int8.onnx")
+    add_model_option(p)
+    p.add_argument(
+        "--min-time", type=arg_type(float, POSITIVE), default=1.5, help="seconds per speed measurement"
+    )
+    p.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy.quantize import quantize_report
+
+        r = quantize_report(args.checkpoint, args.out, args.calib, args.calib_n, args.model, args.min_time)
+        if args.json:
+            print(json.dumps(r, indent=1))
+            return 0
+        print(
+            f"int8 model: {r['int8']} ({r['bytes']['int8'] / 1e6:.2f} MB vs {r['bytes']['fp32'] / 1e6:.2f} MB fp32), "
+            f"calibrated on {r['calibration_images']} real images"
+        )
+        if "int8_top1_err" in r:
+            print(
+                f"accuracy on {r['test_images']} test images: fp32 top-1 error {pct(r['fp32_top1_err'])}, "
+                f"int8 {pct(r['int8_top1_err'])} ({100 * (r['int8_top1_err'] - r['fp32_top1_err']):+.2f} points), "
+                f"top-1 agreement {100 * r['top1_agreement']:.1f}%"
+            )
+        for bs in (1, 8):
+            f, q = r[f"fp32_b{bs}"], r[f"int8_b{bs}"]
+            print(
+                f"batch {bs}: fp32 {f['img_per_s']:.0f} img/s, int8 {q['img_per_s']:.0f} img/s "
+                f"({r[f'int8_speedup_b{bs}']:.2f}x)"
+            )
+        return 0
+
+    return run
+
+
+@command("bench", "inference speed of every backend and precision, against torchvision in the same run")
+def _bench(p: argparse.ArgumentParser) -> Handler:
+    from reslab.deploy.bench import BACKENDS, PRECISIONS
+
+    p.add_argument("target", metavar="MODEL_OR_CKPT")
+    p.add_argument("--batch", type=_positive_ints, default=[1, 8], help="comma-separated batch sizes")
+    p.add_argument(
+        "--input-size", type=arg_type(int, POSITIVE), help="square input side (default: the model's)"
+    )
+    add_device_option(p)
+    p.add_argument("--backends", help=f"comma-separated: {', '.join(BACKENDS)} (default: all that run here)")
+    p.add_argument(
+        "--precision",
+        help=f"comma-separated: {', '.join(PRECISIONS)} (default: fp32 on CPUs; fp32,bf16,fp16 on CUDA)",
+    )
+    p.add_argument(
+        "--min-time", type=arg_type(float, POSITIVE), default=2.0, help="seconds of timed runs per cell"
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy.bench import bench
+
+        def listed(text: str | None) -> tuple[str, ...] | None:
+            return tuple(t for t in (text or "").split(",") if t) or None
+
+        say = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
+        result = bench(
+            args.target,
+            batches=tuple(args.batch),
+            input_size=args.input_size,
+            device=args.device,
+            backends=listed(args.backends),
+            precisions=listed(args.precision),
+            min_time=args.min_time,
+            progress=say,
+        )
+        if args.json:
+            print(json.dumps(result["rows"], indent=1))
+            return 0
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items())
+        print(
+            f"{result['model']} at {'x'.join(map(str, result['input_size']))} on {result['device']} "
+            f"({result['threads']} threads); matmul peaks {peaks} GFLOP/s; "
+            f"{result['gflops_per_image']:.2f} GFLOP per image"
+        )
+        rows = [
+            {
+                **r,
+                "ips": f"{r['img_per_s']:.1f}",
+                "p50": f"{r['p50_ms']:.2f}",
+                "p90": f"{r['p90_ms']:.2f}",
+                "spread": f"{r['spread_pct']:.0f}%",
+                "gf": f"{r['gflops_per_s']:.0f}",
+                "peak": f"{100 * r['peak_fraction']:.0f}%",
+                "agree": f"{r['top1_agree']:.3f}",
+                "ratio": f"{r['vs_torchvision']:.2f}x" if r["vs_torchvision"] else "-",
+            }
+            for r in result["rows"]
+        ]
+        columns = [("backend", "backend"), ("precision", "precision"), ("tf32", "TF32"), ("batch", "batch")]
+        columns += [("ips", "img/s"), ("p50", "p50 ms"), ("p90", "p90 ms"), ("spread", "p90/p50")]
+        columns += [("gf", "GFLOP/s"), ("peak", "of its peak"), ("agree", "top-1 = fp32")]
+        columns += [("ratio", "vs torchvision")]
+        print(format_table(rows, columns))
+        return 0
+
+    return run
