@@ -167,7 +167,8 @@ class DataConfig:
     val_split: Annotated[float, FRACTION] = 0.0  # hold out this fraction of train (paper's 45k/5k: 0.1)
     batch_size: PositiveInt = 128  # per device
     eval_batch_size: PositiveInt = 500
-    workers: Count | None = None  # DataLoader workers for large-image folders (None: all CPUs)
+    workers: Count | None = None  # DataLoader workers for large-image folders (None: every CPU this
+    # process may use, shared among the processes of one machine under torchrun)
     augment: Augment = "auto"
     pad: Count = 4  # random-crop padding of small images (paper Sec. 4.2: 4 pixels)
     image_size: PositiveInt | None = None  # crop size for large-image folders (224)

@@ -77,7 +77,7 @@ def test_export_is_verified_and_carries_metadata(cifar_checkpoint, tmp_path, fmt
     from reslab.deploy.export import export_model, run_exported
     from reslab.engine import read_checkpoint
 
-    ckpt = read_checkpoint(cifar_checkpoint[0])
+    ckpt = read_checkpoint(cifar_checkpoint[0], device="cpu")
     x = real_inputs(ckpt, None, 7)
     report = export_model(ckpt, fmt, tmp_path / f"m.{fmt}", fold_bn=fold, verify_inputs=x)
     assert report["verified_on"] == 7 and report["top1_agreement"] == 1.0  # batch 7 != the example's 2
@@ -97,7 +97,7 @@ def test_fixed_batch_export_and_failed_verification(cifar_checkpoint, tmp_path, 
     from reslab.deploy import real_inputs
     from reslab.engine import read_checkpoint
 
-    ckpt = read_checkpoint(cifar_checkpoint[0])
+    ckpt = read_checkpoint(cifar_checkpoint[0], device="cpu")
     x = real_inputs(ckpt, None, 4)
     assert (
         export.export_model(ckpt, "onnx", tmp_path / "b4.onnx", batch=4, verify_inputs=x)["verified_on"] == 4
@@ -269,10 +269,11 @@ def test_inference_precision_is_chosen_reported_and_checked(cifar_checkpoint, tm
     from reslab.cli import main
 
     ckpt, root = cifar_checkpoint
-    assert main(["eval", "--checkpoint", str(ckpt), "--json"]) == 0
+    cpu = ["--device", "cpu"]
+    assert main(["eval", "--checkpoint", str(ckpt), "--json", *cpu]) == 0
     fp32 = json.loads(capsys.readouterr().out)
-    assert fp32["precision"]["precision"] == "fp32"
-    assert main(["eval", "--checkpoint", str(ckpt), "--precision", "bf16", "--json"]) == 0
+    assert fp32["precision"] == {"precision": "fp32", "chosen_from": "auto"}
+    assert main(["eval", "--checkpoint", str(ckpt), "--precision", "bf16", "--json", *cpu]) == 0
     bf16 = json.loads(capsys.readouterr().out)
     chosen = bf16["precision"]
     assert (
@@ -291,6 +292,7 @@ def test_inference_precision_is_chosen_reported_and_checked(cifar_checkpoint, tm
                 "--precision",
                 "fp16",
                 "--json",
+                *cpu,
             ]
         )
         == 0
@@ -312,11 +314,29 @@ def test_inference_precision_is_chosen_reported_and_checked(cifar_checkpoint, tm
                 str(index),
                 "--precision",
                 "bf16",
+                *cpu,
             ]
         )
         == 0
     )
     assert json.loads(index.with_suffix(".json").read_text())["precision"] == "bf16"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--precision", "tf32", "--json", *cpu]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == {
+        "precision": "fp32",
+        "asked": "tf32",
+        "why": "no TF32 off CUDA",
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: auto chooses between bf16 and fp16")
+def test_auto_precision_on_cuda_is_measured_and_checked(cifar_checkpoint, capsys) -> None:
+    from reslab.cli import main
+
+    assert main(["eval", "--checkpoint", str(cifar_checkpoint[0]), "--json", "--device", "cuda"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["precision"]
+    assert chosen["chosen_from"] == "auto" and chosen["precision"] in ("bf16", "fp16")
+    assert set(chosen["ms_per_batch"]) == {"bf16", "fp16"} and chosen["top1_agreement_with_fp32"] >= 0.9
 
 
 def test_half_precision_onnx_export_is_verified(cifar_checkpoint, tmp_path) -> None:

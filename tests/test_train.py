@@ -220,7 +220,7 @@ def test_cli_train_eval_predict(tmp_path, capsys) -> None:
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "r"), *overrides]) == 0
     out = capsys.readouterr().out
     assert "done: test error" in out and "curves.png" in out
-    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--json"]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"top1_err", "top5_err", "per_class_acc", "confusion_png"} <= set(report) and report["n"] == 1000
     from PIL import Image
@@ -239,6 +239,8 @@ def test_cli_train_eval_predict(tmp_path, capsys) -> None:
                 "--json",
                 "--topk",
                 "3",
+                "--device",
+                "cpu",
             ]
         )
         == 0
@@ -251,7 +253,7 @@ def test_cli_train_eval_predict(tmp_path, capsys) -> None:
     # the same model on the same image, by hand: the checkpoint's preprocessing and a softmax
     from reslab.engine import read_checkpoint
 
-    ckpt = read_checkpoint(tmp_path / "r" / "best.pt")
+    ckpt = read_checkpoint(tmp_path / "r" / "best.pt", device="cpu")
     x = (torch.from_numpy(img).float()[None, None] / 255 - ckpt.preprocess.mean[0]) / ckpt.preprocess.std[0]
     with torch.no_grad():
         expected = ckpt.model(x).softmax(1)[0]
