@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -337,6 +338,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (float, int) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        number = _number(value, tp)
+        if number is not None:
+            return number
     if tp is bool and isinstance(value, str) and value.lower() in ("yes", "no", "true", "false", "on", "off"):
         return value.lower() in ("yes", "true", "on")
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -344,6 +349,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ReslabError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
     return value
+
+
+def _number(text: str, tp: type) -> float | int | None:
+    """A number as Python reads it (``1e-3``, ``1E6``, ``1_000``), or None."""
+    try:
+        return tp(text.strip())
+    except ValueError:
+        return None
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -475,3 +488,19 @@ def cache_dir() -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reslab"
     )
     return Path(root)
+
+
+def json_text(obj: Any, indent: int | None = 1) -> str:
+    """JSON as reslab writes it everywhere: strict (a NaN or infinity, which JSON has no words for,
+    becomes null) and plain (tuples as lists)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=float)

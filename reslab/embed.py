@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from reslab.data import Preprocess, image_loader, list_images
+from reslab.config import json_text
+from reslab.data import Preprocess, first_batch, image_loader, list_images
+from reslab.data.loader import nothing_readable
 from reslab.engine import read_checkpoint
 from reslab.engine.device import Precise, resolve_precision
 from reslab.errors import ReslabError
+from reslab.weights import guard_output
 
 
 class PreLogits(torch.nn.Module):
@@ -50,7 +53,7 @@ def embed_files(
     chosen = resolve_precision(
         precision,
         lambda p: Precise(PreLogits(copy.deepcopy(net)), p),
-        lambda: next(iter(loader))[0],
+        lambda: first_batch(loader),
         device,
         agreement=False,  # features have no classes to agree on
     )
@@ -61,7 +64,7 @@ def embed_files(
         chunks.append(F.normalize(features(x), dim=1).cpu().numpy())
         kept.extend(str(files[i]) for i in idx.tolist())
     if not chunks:
-        raise ReslabError("no image could be read")
+        raise nothing_readable(loader)
     return np.concatenate(chunks), kept, chosen
 
 
@@ -81,13 +84,16 @@ def build_index(
     device: str | torch.device = "auto",
     progress: bool = True,
     precision: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Embed every image of ``inputs`` with a checkpoint's network; write ``out`` (+ its JSON)."""
+    npy, sidecar = _index_paths(out)
+    for path, kind in ((npy, "NumPy array"), (sidecar, "JSON")):
+        guard_output(path, kind, inputs=(checkpoint, *inputs), overwrite=overwrite)
     ckpt = read_checkpoint(checkpoint, model, device)
     emb, files, chosen = embed_files(
         ckpt.model, ckpt.preprocess, list_images(inputs), progress=progress, precision=precision
     )
-    npy, sidecar = _index_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, emb)
     info = {
@@ -98,7 +104,7 @@ def build_index(
         "model": model,
         "precision": chosen["precision"],
     }
-    sidecar.write_text(json.dumps(info, indent=1))
+    sidecar.write_text(json_text(info))
     return {
         "embeddings": str(npy),
         "files": str(sidecar),

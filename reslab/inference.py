@@ -7,6 +7,7 @@ into inputs, and their class names label the outputs.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from reslab.config import TTAMode, choices
-from reslab.data import Placement, Preprocess, build_data, checkpoint_data, image_loader
+from reslab.data import Placement, Preprocess, build_data, checkpoint_data, first_batch, image_loader
+from reslab.data.loader import nothing_readable
 from reslab.engine import Checkpoint, EvalStats, eval_report, read_checkpoint, resolve_device
 from reslab.engine.device import Precise, resolve_precision
 from reslab.errors import ReslabError
@@ -103,6 +105,11 @@ class Members:
         return self.ckpts[0].classes
 
 
+def _checked(x: torch.Tensor, ckpt: Checkpoint) -> torch.Tensor:
+    check_input_kind(ckpt, x.ndim - 2)
+    return x
+
+
 def load_members(
     paths: list[str],
     model: str | None,
@@ -136,7 +143,7 @@ def load_members(
     chosen = resolve_precision(
         precision,
         lambda p: build(copy.deepcopy(first), p),
-        (lambda: probe(raw, first)) if probe is not None else None,
+        (lambda: _checked(probe(raw, first), first)) if probe is not None else None,
         device,
     )
     nets = [build(c, chosen["precision"]) for c in loaded]
@@ -145,10 +152,16 @@ def load_members(
     return Members(nets, loaded, raw, chosen)
 
 
-@torch.no_grad()
-def first_batch(loader) -> torch.Tensor:
-    """The inputs of a loader's first batch (a probe for choosing a precision)."""
-    return next(iter(loader))[0]
+KINDS = {2: "images", 3: "video clips"}
+
+
+def check_input_kind(ckpt: Checkpoint, ndim: int) -> None:
+    """Refuse inputs of another kind than the model reads (images for a video model, or the
+    reverse), naming both and what to run instead. Members of an ensemble share their geometry."""
+    reads = len(ckpt.preprocess.size)
+    if reads != ndim:
+        fix = "predict classifies images" if reads == 2 else "evaluate it on clips (reslab eval --data clips)"
+        raise ReslabError(f"{ckpt.path} is a {ckpt.arch} model of {KINDS[reads]}, given {KINDS[ndim]}; {fix}")
 
 
 def predict(
@@ -159,13 +172,21 @@ def predict(
     strict: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image (the mean softmax over several models)."""
+    check_input_kind(members.ckpts[0], 2)
     device = next(members.nets[0].parameters()).device
     ensemble = Ensemble(members.nets).eval()
     results = []
     classes = members.classes
     k = min(topk, len(classes))
-    for x, idx in image_loader(files, members.raw, batch_size, device=device, strict=strict):
-        p, top = ensemble(x).exp().topk(k, dim=1)
+    loader = image_loader(files, members.raw, batch_size, device=device, strict=strict)
+    for x, idx in loader:
+        probs = ensemble(x).exp()
+        if not torch.isfinite(probs).all():
+            raise ReslabError(
+                f"{members.ckpts[0].path}: the model's outputs are not finite (NaN or infinite) on "
+                f"{files[idx[0]]}...: its weights are broken (e.g. trained with too large a learning rate)"
+            )
+        p, top = probs.topk(k, dim=1)
         for i, pi, ti in zip(idx.tolist(), p.tolist(), top.tolist(), strict=True):
             results.append(
                 {
@@ -175,6 +196,8 @@ def predict(
                     ],
                 }
             )
+    if not results:
+        raise nothing_readable(loader)
     return results
 
 
@@ -189,6 +212,7 @@ def evaluate_checkpoints(
     out_dir: Path | None = None,
     tta: str | None = None,
     precision: str = "auto",
+    by_index: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint, or an ensemble of several, on the test split of the data they were
     trained on (or of ``data``/``data_dir``). Each member is scored too, in the same pass.
@@ -217,9 +241,17 @@ def evaluate_checkpoints(
     )
     ckpts, classes = members.ckpts, members.classes
     d = eval_data(members.raw, ckpts[0])
+    check_input_kind(ckpts[0], d.ndim)
     cfg = built["cfg"]
     if len(d.classes) != len(classes):
         raise ReslabError(f"{paths[0]} predicts {len(classes)} classes but {cfg.name} has {len(d.classes)}")
+    if d.classes != classes and not by_index:
+        differ = [f"{a} vs {b}" for a, b in zip(d.classes, classes, strict=True) if a != b]
+        raise ReslabError(
+            f"the data's classes are not the checkpoint's ({len(differ)} differ, e.g. {differ[0]}): its "
+            "errors would be counted against the wrong names; evaluate on data with the same class "
+            "folders, or pass --classes-by-index to match classes by position"
+        )
     ensemble = Ensemble(members.nets).eval()
     member_stats = [EvalStats(dev) for _ in members.nets]
     stats = EvalStats(dev)
@@ -229,6 +261,11 @@ def evaluate_checkpoints(
             s.add(out, y)
         stats.add(combine(outs), y)
     result = stats.result()
+    if not math.isfinite(result["loss"]):
+        raise ReslabError(
+            f"{paths[0]}: the model's outputs are not finite (NaN or infinite) on the {d.eval_split} "
+            "images: its weights are broken (e.g. trained with too large a learning rate)"
+        )
     names = " + ".join(c.arch for c in ckpts)
     title = f"{names} on {cfg.name} {d.eval_split}{f' ({tta} TTA)' if tta else ''}: {100 * result['err']:.2f}% error"
     report = eval_report(result, classes, out_dir, title)

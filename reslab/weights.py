@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,54 @@ def _compare(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) ->
         unexpected=sorted(set(sd) - set(own)),
         mismatched=[f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shared],
     )
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a file holds, read from its first bytes (not its name): a PyTorch checkpoint, a
+    TorchScript module, a torch.export program, safetensors weights, an ONNX model, ..."""
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:2] == b"PK":
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any("/code/" in n for n in names):
+            return "TorchScript module"
+        if any(n.endswith(("/archive_format", "/models/model.json")) for n in names):
+            return "torch.export program"
+        return "PyTorch checkpoint" if any(n.endswith("data.pkl") for n in names) else "zip archive"
+    if head[:1] == b"\x80":
+        return "PyTorch checkpoint"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "safetensors weights"
+    if head[:6] == b"\x93NUMPY":
+        return "NumPy array"
+    if head[4:8] == b"ET12":
+        return "ExecuTorch program"
+    if head[:1] == b"\x08" and (path.suffix == ".onnx" or b"pytorch" in head or b"onnx" in head):
+        return "ONNX model"  # a protobuf whose first field is the IR version
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON"
+    return f"{path.suffix or 'other'} file"
+
+
+def guard_output(path: str | os.PathLike, kind: str, *, inputs: tuple = (), overwrite: bool = False) -> Path:
+    """``path``, checked before a command writes a ``kind`` file there: never one of the command's
+    own ``inputs``; never over an existing file of another kind (a checkpoint is not replaced by an
+    export) unless ``overwrite`` says so. Re-running a command over its own earlier output is fine."""
+    path = Path(path)
+    for given in inputs:
+        if given is not None and path.exists() and Path(given).exists() and path.samefile(given):
+            raise ReslabError(f"{path} is an input of this command; write the output elsewhere (--out)")
+    if path.exists() and not overwrite:
+        held = file_kind(path)
+        if held != kind:
+            raise ReslabError(
+                f"{path} holds a {held}, not a {kind}; choose another --out, or pass --overwrite to replace it"
+            )
+    return path
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from reslab.errors import ReslabError
 
 GOLDEN = Path(__file__).parent / "golden"
 # Written by reslab at commit 373a811 (format 1): `reslab train --model wrn10_1 --iters 6
-# data.limit_train=64 data.limit_test=32 data.batch_size=16 log_every=1 ema_decay=0.9 optim.lr=0.05`
+# data.limit_test=30 data.batch_size=16 log_every=1 ema_decay=0.9 optim.lr=0.05`
 # interrupted at iteration 3 (iter3.pt), and the same run left alone (its final weights: iter6),
 # both with OMP_NUM_THREADS=1 (the float order of a convolution depends on the thread count).
 OLD_CHECKPOINT = GOLDEN / "main-373a811-wrn10_1-iter3.pt"

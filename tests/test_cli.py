@@ -14,7 +14,7 @@ def test_models_json(capsys) -> None:
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
     assert set(by_name) == {"resnet20", "resnet50"}
-    assert all({"name", "params", "gflops", "input_size"} <= set(r) for r in rows)
+    assert all({"name", "params", "gmacs", "input_size"} <= set(r) for r in rows)
     assert by_name["resnet50"]["params"] == 25557032
     assert by_name["resnet50"]["input_size"] == [224, 224]
     assert by_name["resnet20"]["input_size"] == [32, 32]
@@ -23,7 +23,7 @@ def test_models_json(capsys) -> None:
 def test_models_table(capsys) -> None:
     assert main(["models", "plain5*"]) == 0
     out = capsys.readouterr().out
-    assert "plain56" in out and "0.85M" in out and "GFLOPs" in out
+    assert "plain56" in out and "0.85M" in out and "GMACs" in out
 
 
 def test_info(capsys) -> None:

@@ -15,7 +15,7 @@ from reslab import list_models
 from reslab.complexity import model_stats
 
 GOLDEN = Path(__file__).parent / "golden" / "complexity.json"
-# (params in millions, GFLOPs) as published: torchvision's model docs, and the paper's Table 6.
+# (params in millions, GMACs: the multiply-adds torchvision and the paper call FLOPs) as published: torchvision's model docs, and the paper's Table 6.
 PUBLISHED = {
     "resnet18": (11.69, 1.81),
     "resnet34": (21.80, 3.66),
@@ -42,7 +42,7 @@ def update_golden_table() -> None:
     table = {}
     for name in list_models():
         s = model_stats(name, cache=False)
-        table[name] = {"params": s["params"], "gflops": round(s["gflops"], 6)}
+        table[name] = {"params": s["params"], "gmacs": round(s["gmacs"], 6)}
     GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
@@ -56,15 +56,15 @@ def test_golden_table(name: str) -> None:
     """Params and FLOPs counted by running each model (meta device) equal the reviewed table."""
     stats, golden = model_stats(name), _golden()[name]  # (the tests' cache starts empty)
     assert stats["params"] == golden["params"]
-    assert round(stats["gflops"], 6) == golden["gflops"]
+    assert round(stats["gmacs"], 6) == golden["gmacs"]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_torchvision_published_figures(name: str) -> None:
-    params_m, gflops = PUBLISHED[name]
+    params_m, gmacs = PUBLISHED[name]
     stats = model_stats(name)
     assert round(stats["params"] / 1e6, 2) == params_m
-    assert round(stats["gflops"], 2) == gflops
+    assert round(stats["gmacs"], 2) == gmacs
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_TABLE6))

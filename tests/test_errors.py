@@ -191,8 +191,8 @@ def test_suggested_fixes_work(tmp_path, capsys) -> None:
     assert main(["train", "--iters", "1", "--no-progress", "--out", str(run), *TINY]) == 0
     capsys.readouterr()
     assert main(["train", "--iters", "1", "--no-progress", "--out", str(run), *TINY]) == 2
-    assert f"resume it with --resume {run}" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert f"finished run; train it on with --resume {run} --iters N" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--iters", "2", "--no-progress"]) == 0
 
 
 def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, capsys) -> None:

@@ -12,7 +12,11 @@ def add_common_args(
 ) -> None:
     """``--out``, ``--no-progress``, ``--device``; ``--data``/``--data-dir`` when the study reads data
     (``data`` says which by default); ``--seed``."""
-    p.add_argument("--out", metavar="DIR", help=f"study folder (default runs/analyze-{study})")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"study folder (default runs/analyze-{study}-ID, one per inputs and options)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_device_option(p)
     if data is not None:

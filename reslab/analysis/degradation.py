@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from reslab.analysis.args import add_common_args
-from reslab.analysis.inputs import data_fields
+from reslab.analysis.inputs import data_fields, data_identity
 from reslab.analysis.output import finish, md_table, pyplot, study_dir, write_summary
 from reslab.analysis.report import build_report
 from reslab.analysis.runner import PlannedRun, train_runs
-from reslab.config import POSITIVE, arg_type, int_list, load_config
+from reslab.config import POSITIVE, arg_type, int_list, load_config, resolve_recipe
 from reslab.engine.rundir import read_metrics
 from reslab.errors import ReslabError
 from reslab.models import list_models
@@ -80,6 +80,7 @@ def run(
     data: str | None = None,
     data_dir: str | None = None,
     iters: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
     device: str = "auto",
@@ -95,8 +96,21 @@ def run(
     if paper and not (data or data_dir):
         raise ReslabError("--paper trains on CIFAR-10: pass --data-dir DIR (class folders train/ and test/)")
     jobs = jobs or (3 if torch.cuda.is_available() and device != "cpu" else 1)
-    out = study_dir(out, "degradation")
-    data_overrides = {f"data.{k}": v for k, v in data_fields(data, data_dir).items()}
+    fields = data_fields(data, data_dir)
+    if fields.get("dir"):
+        fields["dir"] = str(Path(fields["dir"]).resolve())
+    identity = {
+        "depths": depths,
+        "quick": quick,
+        "paper": paper,
+        "recipe": None if quick else resolve_recipe(recipe).read_text(),
+        "iters": iters,
+        "batch_size": batch_size,
+        "seed": seed,
+        "data": data_identity(fields),
+    }
+    out = study_dir(out, "degradation", identity)
+    data_overrides = {f"data.{k}": v for k, v in fields.items()}
     runs, rows = [], []
     for depth in depths:
         for name, args, residual in twins(depth):
@@ -112,6 +126,7 @@ def run(
                 "device": device,
                 "out": str(out / "runs" / label),
                 **({"iters": iters} if iters is not None else {}),
+                **({"data.batch_size": batch_size} if batch_size is not None else {}),
             }
             runs.append(PlannedRun(label, load_config(None if quick else recipe, overrides)))
             rows.append((label, depth, residual))
@@ -187,6 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="recipe for full runs (default cifar10_paper)",
     )
     p.add_argument("--iters", type=arg_type(int, POSITIVE), help="override the budget")
+    p.add_argument("--batch-size", type=arg_type(int, POSITIVE), help="override the recipe's batch size")
     p.add_argument(
         "--paper",
         action="store_true",
@@ -207,6 +223,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         data=args.data,
         data_dir=args.data_dir,
         iters=args.iters,
+        batch_size=args.batch_size,
         seed=args.seed,
         progress=args.progress,
         device=args.device,

@@ -4,7 +4,6 @@ after some training, and optionally the shattered-gradients correlation (Balduzz
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from tqdm import tqdm
 
 from reslab.analysis.args import add_common_args
 from reslab.analysis.degradation import twins
-from reslab.analysis.inputs import data_fields
+from reslab.analysis.inputs import data_fields, data_identity
 from reslab.analysis.output import finish, md_table, pyplot, study_dir, write_summary
-from reslab.config import NON_NEGATIVE, POSITIVE, arg_type, int_list, load_config
+from reslab.config import NON_NEGATIVE, POSITIVE, arg_type, int_list, json_text, load_config
 from reslab.data import Placement, build_data, fixed_batches
 from reslab.engine import Budget, TrainState, TrainStep, build_optimizer, resolve_device, train_one_epoch
 from reslab.models import create_model
@@ -69,9 +68,17 @@ def run(
     progress: bool = True,
     device: str = "auto",
 ) -> dict[str, Any]:
-    out = study_dir(out, "gradients")
-    dev = resolve_device(device)
     fields = data_fields(data, data_dir)
+    identity = {
+        "depths": depths,
+        "steps": steps,
+        "batch": batch,
+        "correlation": correlation,
+        "seed": seed,
+        "data": data_identity(fields),
+    }
+    out = study_dir(out, "gradients", identity)
+    dev = resolve_device(device)
     x, y = fixed_batches({"data": fields}, None, split="train", limit=batch, batch_size=batch, device=dev)[0]
     cfg = load_config(
         overrides={
@@ -116,7 +123,7 @@ def run(
     _plot(models, out / "gradient_norms.png", steps)
     if correlation:
         _plot_correlation(models, out / "gradient_correlation.png")
-    (out / "gradient_norms.json").write_text(json.dumps(models, indent=1))
+    (out / "gradient_norms.json").write_text(json_text(models))
     table = [
         {k: m.get(k) for k in ("name", "init_first_last_ratio", "trained_first_last_ratio")} for m in models
     ]

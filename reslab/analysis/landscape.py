@@ -22,9 +22,14 @@ from torch import nn
 from tqdm import tqdm
 
 from reslab.analysis.args import add_checkpoint_args, add_common_args
-from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.inputs import (
+    checkpoint_batches,
+    checkpoint_data_identity,
+    checkpoints_identity,
+    load_checkpoints,
+)
 from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
-from reslab.config import POSITIVE, arg_type
+from reslab.config import POSITIVE, Range, arg_type
 from reslab.engine import Checkpoint, evaluate
 from reslab.errors import ReslabError
 
@@ -128,9 +133,21 @@ def run(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
+    if grid < 3 or grid % 2 == 0:
+        raise ReslabError(f"--grid {grid}: {GRID_RULE}")
     if interpolate and len(checkpoints) != 2:
         raise ReslabError("--interpolate needs exactly two checkpoints of the same architecture")
-    out = study_dir(out, "landscape")
+    identity = {
+        "checkpoints": checkpoints_identity(checkpoints),
+        "data": [checkpoint_data_identity(c) for c in checkpoints],
+        "grid": grid,
+        "span": span,
+        "samples": samples,
+        "mode": mode,
+        "interpolate": interpolate,
+        "seed": seed,
+    }
+    out = study_dir(out, "landscape", identity)
     coords = np.linspace(-span, span, grid)
     results = []
 
@@ -212,11 +229,24 @@ def run(
     return {"out": str(out), **summary}
 
 
+GRID_RULE = "an odd number of points per axis, at least 3: the centre point is the trained weights"
+
+
+def _odd_grid(text: str) -> int:
+    value = arg_type(int, Range(ge=3))(text)
+    if value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be {GRID_RULE}, got {value}")
+    return value
+
+
+_odd_grid.constraint = Range(ge=3)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_args(p, "landscape")
     add_checkpoint_args(p, "one, or two side by side")
     p.add_argument(
-        "--grid", type=arg_type(int, POSITIVE), default=21, help="points per axis (default 21; the paper: 51)"
+        "--grid", type=_odd_grid, default=21, help="points per axis, odd (default 21; the paper: 51)"
     )
     p.add_argument(
         "--span", type=arg_type(float, POSITIVE), default=1.0, help="coordinates run over [-span, span]"

@@ -19,7 +19,12 @@ from torch import nn
 from tqdm import tqdm
 
 from reslab.analysis.args import add_checkpoint_args, add_common_args
-from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.inputs import (
+    checkpoint_batches,
+    checkpoint_data_identity,
+    checkpoints_identity,
+    load_checkpoints,
+)
 from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import NON_NEGATIVE, POSITIVE, arg_type
 from reslab.engine import Checkpoint, evaluate
@@ -73,7 +78,15 @@ def run(
     data_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    out = study_dir(out, "lesion")
+    identity = {
+        "checkpoints": checkpoints_identity(checkpoints),
+        "data": [checkpoint_data_identity(c, data, data_dir) for c in checkpoints],
+        "limit": limit,
+        "draws": draws,
+        "max_k": max_k,
+        "seed": seed,
+    }
+    out = study_dir(out, "lesion", identity)
     results = []
     for ckpt in checkpoints:
         model, arch = ckpt.model, ckpt.arch

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reslab.config import json_text
 from reslab.engine import Checkpoint
 from reslab.engine.rundir import pyplot
+from reslab.errors import ReslabError
 
 __all__ = ["checkpoint_label", "finish", "md_table", "pyplot", "study_dir", "write_summary"]
 
 
-def study_dir(out: str | Path | None, study: str) -> Path:
-    path = Path(out) if out else Path("runs") / f"analyze-{study}"
+STUDY_RECORD = "study.json"
+
+
+def study_dir(out: str | Path | None, study: str, identity: dict[str, Any]) -> Path:
+    """A study's folder, and the promise that what is in it was computed for this study.
+
+    ``identity`` is everything that determines the results (checkpoint contents, options, data);
+    its fingerprint is recorded in ``study.json``. By default each study gets its own folder,
+    ``runs/analyze-STUDY-FINGERPRINT``; a folder holding a study of other inputs is refused (its
+    results are never mixed with, nor replaced by, another study's), the same study's is reused."""
+    fingerprint = hashlib.sha256(json_text(identity, None).encode()).hexdigest()[:12]
+    path = Path(out) if out else Path("runs") / f"analyze-{study}-{fingerprint[:8]}"
+    record = path / STUDY_RECORD
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            old = saved.get("identity", {})
+            differ = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
+            raise ReslabError(
+                f"{path} holds a {saved.get('study', 'different')} study of other inputs ({', '.join(differ) or 'another version'} "
+                "differ); choose another --out, or delete that folder to replace it"
+            )
+    elif path.is_dir() and any(path.iterdir()):
+        raise ReslabError(f"{path} is not empty and holds no reslab study; choose another --out")
     path.mkdir(parents=True, exist_ok=True)
+    record.write_text(json_text({"study": study, "fingerprint": fingerprint, "identity": identity}))
     return path
 
 
@@ -28,7 +54,7 @@ def checkpoint_label(ckpt: Checkpoint) -> str:
 
 def write_summary(out: Path, study: str, summary: dict[str, Any], markdown: str) -> None:
     """``summary.json`` (the numbers) and ``summary.md`` (a short human summary) of a study."""
-    (out / "summary.json").write_text(json.dumps({"study": study, **summary}, indent=1, default=float))
+    (out / "summary.json").write_text(json_text({"study": study, **summary}))
     (out / "summary.md").write_text(markdown.rstrip() + "\n")
 
 

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from reslab.analysis.args import add_checkpoint_args, add_common_args
-from reslab.analysis.inputs import checkpoint_batches, load_checkpoints
+from reslab.analysis.inputs import (
+    checkpoint_batches,
+    checkpoint_data_identity,
+    checkpoints_identity,
+    load_checkpoints,
+)
 from reslab.analysis.output import checkpoint_label, finish, md_table, pyplot, study_dir, write_summary
 from reslab.config import POSITIVE, arg_type
 from reslab.engine import Checkpoint
@@ -60,7 +65,12 @@ def run(
     data: str | None = None,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
-    out = study_dir(out, "responses")
+    identity = {
+        "checkpoints": checkpoints_identity(checkpoints),
+        "data": [checkpoint_data_identity(c, data, data_dir) for c in checkpoints],
+        "limit": limit,
+    }
+    out = study_dir(out, "responses", identity)
     results = []
     for ckpt in checkpoints:
         batches = checkpoint_batches(ckpt, "test", limit, data, data_dir)

@@ -65,6 +65,15 @@ def train_runs(runs: list[PlannedRun], jobs: int = 1, progress: bool = True) -> 
     """Train every run that has not finished: in this process one after another (``jobs`` 1), or
     ``jobs`` at a time in child processes, started in the order given."""
     todo = [r for r in runs if not r.finished]
+    reused = [r.label for r in runs if r.finished]
+    resumed = [r.label for r in todo if (r.run_dir / LAST).exists()]
+    if reused:
+        print(
+            f"reslab: reusing {len(reused)} finished run(s) of this study: {', '.join(reused)}",
+            file=sys.stderr,
+        )
+    if resumed:
+        print(f"reslab: resuming {', '.join(resumed)} where they stopped", file=sys.stderr)
     if jobs == 1:
         for run in todo:
             _fit(run, progress)

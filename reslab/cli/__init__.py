@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -27,6 +28,9 @@ FAMILIES = ("train", "use", "deploy", "lab")  # each module registers its comman
 for _family in FAMILIES:
     importlib.import_module(f"reslab.cli.{_family}")
 
+# torch log lines that say nothing to a user of the command line (inductor on a machine without a
+# CUDA toolkit: "No CUDA runtime is found, using CUDA_HOME=...").
+QUIET_LOGGERS = ("torch.utils.cpp_extension",)
 PIPE_CLOSED = 141  # 128 + SIGPIPE: what Unix tools exit with when a reader such as `head` stops
 
 
@@ -73,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     warnings.showwarning = _show_warning
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # inside the try: a reader that went away is noticed here

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from reslab.cli.options import Handler, add_model_option, command, format_table, pct
+from reslab.cli.options import Handler, add_model_option, add_overwrite, command, format_table, pct
 from reslab.config import (
     POSITIVE,
     ExportFormat,
@@ -16,6 +15,7 @@ from reslab.config import (
     arg_type,
     choices,
     int_list,
+    json_text,
 )
 
 
@@ -39,6 +39,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         "--precision", choices=choices(ExportPrecision), default="fp32", help="fp16: half-precision ONNX"
     )
     p.add_argument("--out", metavar="FILE")
+    add_overwrite(p)
     add_model_option(p)
     p.add_argument(
         "--images", metavar="DIR", help="real images to verify on (default: the checkpoint's test data)"
@@ -60,9 +61,10 @@ def _export(p: argparse.ArgumentParser) -> Handler:
             fold_bn=args.fold_bn,
             verify_inputs=real_inputs(ckpt, args.images, 16),
             precision=args.precision,
+            overwrite=args.overwrite,
         )
         if args.json:
-            print(json.dumps(report, indent=1))
+            print(json_text(report))
         else:
             print(
                 f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {args.batch}"
@@ -90,6 +92,7 @@ def _quantize(p: argparse.ArgumentParser) -> Handler:
         "--calib-n", type=arg_type(int, POSITIVE), default=256, help="number of calibration images"
     )
     p.add_argument("--out", metavar="FILE.int8.onnx")
+    add_overwrite(p)
     add_model_option(p)
     p.add_argument(
         "--min-time", type=arg_type(float, POSITIVE), default=1.5, help="seconds per speed measurement"
@@ -99,9 +102,11 @@ def _quantize(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy.quantize import quantize_report
 
-        r = quantize_report(args.checkpoint, args.out, args.calib, args.calib_n, args.model, args.min_time)
+        r = quantize_report(
+            args.checkpoint, args.out, args.calib, args.calib_n, args.model, args.min_time, args.overwrite
+        )
         if args.json:
-            print(json.dumps(r, indent=1))
+            print(json_text(r))
             return 0
         print(
             f"int8 model: {r['int8']} ({r['bytes']['int8'] / 1e6:.2f} MB vs {r['bytes']['fp32'] / 1e6:.2f} MB fp32), "
@@ -162,21 +167,26 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
             progress=say,
         )
         if args.json:
-            print(json.dumps(result["rows"], indent=1))
+            print(json_text(result["rows"]))
             return 0
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items())
         print(
             f"{result['model']} at {'x'.join(map(str, result['input_size']))} on {result['device']} "
             f"({result['threads']} threads); matmul peaks {peaks} GFLOP/s; "
-            f"{result['gflops_per_image']:.2f} GFLOP per image"
+            f"{result['gflops_per_image']:.2f} GFLOP per image (2 per multiply-add)"
         )
+        if result["peak_raised_to_fastest_row"]:
+            print(
+                f"(the {', '.join(result['peak_raised_to_fastest_row'])} peak is the fastest row's: "
+                "the matmul measurement ran lower)"
+            )
         rows = [
             {
                 **r,
                 "ips": f"{r['img_per_s']:.1f}",
                 "p50": f"{r['p50_ms']:.2f}",
                 "p90": f"{r['p90_ms']:.2f}",
-                "spread": f"{r['spread_pct']:.0f}%",
+                "spread": f"+{r['spread_pct']:.0f}%",
                 "gf": f"{r['gflops_per_s']:.0f}",
                 "peak": f"{100 * r['peak_fraction']:.0f}%",
                 "agree": f"{r['top1_agree']:.3f}",
@@ -185,7 +195,7 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
             for r in result["rows"]
         ]
         columns = [("backend", "backend"), ("precision", "precision"), ("tf32", "TF32"), ("batch", "batch")]
-        columns += [("ips", "img/s"), ("p50", "p50 ms"), ("p90", "p90 ms"), ("spread", "p90/p50")]
+        columns += [("ips", "img/s"), ("p50", "p50 ms"), ("p90", "p90 ms"), ("spread", "p90 over p50")]
         columns += [("gf", "GFLOP/s"), ("peak", "of its peak"), ("agree", "top-1 = fp32")]
         columns += [("ratio", "vs torchvision")]
         print(format_table(rows, columns))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from reslab.cli.options import (
@@ -18,10 +17,11 @@ from reslab.cli.options import (
     overrides_from,
     pct,
 )
+from reslab.config import json_text, parse_override
 from reslab.errors import ReslabError, TrainingInterrupted
 
 
-@command("models", "list the registered models with parameters and GFLOPs")
+@command("models", "list the registered models with parameters and GMACs (multiply-adds)")
 def _models(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -39,18 +39,21 @@ def _models(p: argparse.ArgumentParser) -> Handler:
         # Counting is cached; a fresh cache takes about a minute for the whole registry.
         stats = [model_stats(n) for n in tqdm(names, desc="counting", leave=False, disable=None)]
         if args.json:
-            print(json.dumps(stats, indent=1))
+            print(json_text(stats))
             return 0
         if args.markdown:
             print(models_markdown(stats))
             return 0
         for s in stats:
             s["params_m"] = f"{s['params'] / 1e6:.2f}M"
-            s["gflops_s"] = f"{s['gflops']:.2f}"
+            s["gmacs_s"] = f"{s['gmacs']:.2f}"
             s["input"] = "x".join(map(str, s["input_size"]))
         columns = [("name", "model"), ("family", "family"), ("layers", "layers"), ("params_m", "params")]
-        print(format_table(stats, [*columns, ("gflops_s", "GFLOPs"), ("input", "input")]))
-        print("\nGFLOPs: multiply-adds for one image at the input size, counted by running the model.")
+        print(format_table(stats, [*columns, ("gmacs_s", "GMACs"), ("input", "input")]))
+        print(
+            '\nGMACs: billions of multiply-adds for one image at the input size (the paper\'s "FLOPs"), '
+            "counted by running the model; hardware throughput counts 2 FLOPs each (reslab bench)."
+        )
         return 0
 
     return run
@@ -69,7 +72,7 @@ def _info(p: argparse.ArgumentParser) -> Handler:
         spec = entry.spec
         print(
             f"{entry.name}: {entry.family}, {stats['layers']} layers, {stats['params'] / 1e6:.2f}M params, "
-            f"{stats['gflops']:.2f} GFLOPs at {'x'.join(map(str, spec.input_size))}"
+            f"{stats['gmacs']:.2f} GMACs at {'x'.join(map(str, spec.input_size))}"
         )
         print(f"  {entry.paper}")
         print(f"  {spec.describe()}")
@@ -133,8 +136,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     add_overrides(p)
 
 
-# What may change when a run continues (fit's keywords); everything else is the run's own.
-RESUME_CHANGES = ("device", "progress", "iters", "epochs")
+# What may change when a run continues (config keys -> fit's keywords); everything else is the run's own.
+RESUME_CHANGES = {"device": "device", "progress": "progress", "iters": "iters", "epochs": "epochs"}
+RESUME_CHANGES["data.dir"] = "data_dir"  # data that moved (the same data)
 
 
 @command("train", "train a model (a recipe, flags and key=value overrides); --resume continues a run")
@@ -146,17 +150,17 @@ def _train(p: argparse.ArgumentParser) -> Handler:
         from reslab.config import load_config
         from reslab.engine import fit
 
-        overrides = overrides_from(args)
         if args.resume:
-            extra = set(overrides) - set(RESUME_CHANGES)
+            given = {**dict(parse_override(i) for i in args.overrides), **flag_values(args)}
+            extra = set(given) - set(RESUME_CHANGES)
             if extra or args.config:
                 raise ReslabError(
                     f"--resume continues a run with its own config; drop {', '.join(sorted(extra)) or '--config'} "
-                    f"(it may change: {', '.join('--' + k for k in RESUME_CHANGES)})"
+                    "(what may change: --device, --no-progress, --iters or --epochs, --data-dir)"
                 )
-            given = {k: v for k, v in overrides.items() if v is not None}
-            return _report(lambda: fit(resume=args.resume, **given))
-        cfg = load_config(args.config, overrides)
+            changes = {RESUME_CHANGES[k]: v for k, v in given.items()}
+            return _report(lambda: fit(resume=args.resume, **changes))
+        cfg = load_config(args.config, overrides_from(args))
         return _report(lambda: fit(cfg))
 
     return run

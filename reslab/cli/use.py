@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,13 @@ from reslab.cli.options import (
     add_checkpoints,
     add_data_options,
     add_model_option,
+    add_overwrite,
     add_precision,
     command,
     format_table,
     pct,
 )
-from reslab.config import POSITIVE, TTAMode, add_device_option, arg_type, choices
+from reslab.config import POSITIVE, TTAMode, add_device_option, arg_type, choices, json_text
 from reslab.errors import ReslabError
 
 
@@ -54,6 +54,11 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
     add_data_options(p)
     _add_tta(p)
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png")
+    p.add_argument(
+        "--classes-by-index",
+        action="store_true",
+        help="data whose class folders are named otherwise: match classes by position",
+    )
     add_device_option(p)
     add_precision(p)
     p.add_argument("--json", action="store_true")
@@ -77,9 +82,10 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
             out_dir=out,
             tta=args.tta,
             precision=args.precision,
+            by_index=args.classes_by_index,
         )
         if args.json:
-            print(json.dumps(report, indent=1))
+            print(json_text(report))
             return 0
         say_precision(report["precision"])
         if ensemble:
@@ -114,9 +120,9 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--json", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from reslab.data import image_loader, list_images
+        from reslab.data import first_batch, image_loader, list_images
         from reslab.engine import resolve_device
-        from reslab.inference import first_batch, load_members, predict
+        from reslab.inference import load_members, predict
         from reslab.weights import is_checkpoint_path
 
         # `--checkpoint A.pt B.pt photo.jpg dir/`: the option takes the checkpoint files, the rest are inputs.
@@ -136,7 +142,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         say_precision(members.precision)
         results = predict(members, files, args.topk, strict=args.strict)
         if args.json:
-            print(json.dumps(results, indent=1))
+            print(json_text(results))
         else:
             for r in results:
                 top = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
@@ -151,6 +157,7 @@ def _embed(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR")
     p.add_argument("--out", required=True, metavar="FILE.npy")
+    add_overwrite(p)
     add_model_option(p)
     add_device_option(p)
     add_precision(p)
@@ -165,6 +172,7 @@ def _embed(p: argparse.ArgumentParser) -> Handler:
             model=args.model,
             device=args.device,
             precision=args.precision,
+            overwrite=args.overwrite,
         )
         say_precision(info["precision"])
         print(
@@ -188,7 +196,7 @@ def _search(p: argparse.ArgumentParser) -> Handler:
 
         results = search(args.index, args.queries, args.topk, args.device)
         if args.json:
-            print(json.dumps(results, indent=1))
+            print(json_text(results))
             return 0
         for r in results:
             print(r["query"])

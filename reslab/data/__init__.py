@@ -4,11 +4,26 @@ Everything callers need is importable from here; the submodules are the implemen
 """
 
 from reslab.data.batched import BatchDecodeLoader, choose_decode
-from reslab.data.build import Data, build_data, checkpoint_data, fixed_batches, has_test_split
+from reslab.data.build import (
+    Data,
+    build_data,
+    checkpoint_data,
+    data_fingerprint,
+    fixed_batches,
+    has_test_split,
+    resolve_paths,
+)
 from reslab.data.decode import Geometry
 from reslab.data.files import image_loader, list_images
 from reslab.data.folder import FolderLoader
-from reslab.data.loader import Loader, Placement, Uint8Normalizer, default_workers, in_background
+from reslab.data.loader import (
+    Loader,
+    Placement,
+    Uint8Normalizer,
+    default_workers,
+    first_batch,
+    in_background,
+)
 from reslab.data.memory import TensorLoader, random_crop_flip
 from reslab.data.preprocess import (
     IMAGENET_MEAN,
@@ -35,13 +50,16 @@ __all__ = [
     "build_data",
     "checkpoint_data",
     "choose_decode",
+    "data_fingerprint",
     "default_preprocess",
     "default_workers",
     "find_splits",
+    "first_batch",
     "fixed_batches",
     "has_test_split",
     "image_loader",
     "in_background",
     "list_images",
     "random_crop_flip",
+    "resolve_paths",
 ]

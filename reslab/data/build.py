@@ -9,6 +9,8 @@ interface.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +68,36 @@ class Data:
 
 
 def _stratified(labels: torch.Tensor, fraction: float | None, count: int | None, seed: int) -> torch.Tensor:
-    """A boolean mask picking ``fraction`` (or ``count`` in all) of each class, at random."""
+    """A boolean mask picking ``fraction`` of each class (rounded, at least one), or exactly
+    ``count`` images in all, at random.
+
+    For a count each class gets its share rounded down, at least one image, and the images left
+    over go to the classes with the largest remainders: ``limit_test=10`` is 10 images."""
     n = len(labels)
-    share = fraction if fraction is not None else min(1.0, (count or n) / max(1, n))
     g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    sizes = torch.stack([(labels == c).sum() for c in classes]).double()
+    if fraction is not None:
+        take = (sizes * fraction).round().clamp(min=1)
+        left = 0
+    else:
+        total = min(n, count or n)
+        exact = sizes * total / max(1, n)
+        take = exact.floor().clamp(min=1).minimum(sizes)
+        left = int(total - take.sum().item())
+    if left > 0:
+        order = (exact - exact.floor()).argsort(descending=True, stable=True)
+        for i in order.tolist():
+            if left == 0:
+                break
+            if take[i] < sizes[i]:
+                take[i] += 1
+                left -= 1
     mask = torch.zeros(n, dtype=torch.bool)
-    for c in labels.unique():
+    for c, k in zip(classes, take.long().tolist(), strict=True):
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        mask[idx[: max(1, round(len(idx) * share))]] = True
+        mask[idx[:k]] = True
     return mask
 
 
@@ -104,6 +127,31 @@ def _data_root(cfg: DataConfig) -> Path:
     if env:
         return Path(env) / cfg.name
     raise ReslabError(f"--data {cfg.name} needs --data-dir DIR (or set RESLAB_DATA)")
+
+
+def resolve_paths(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with its folders absolute, as runs record them: a run resumes and evaluates from any
+    working directory."""
+    absolute = {
+        k: str(Path(v).expanduser().resolve()) for k in ("dir", "cache_dir") if (v := getattr(cfg, k))
+    }
+    return dataclasses.replace(cfg, **absolute)
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """What identifies the data a config reads: its kind and the path of every file relative to
+    the data folder (class folders included), not where the folder is: the same data moved or
+    copied elsewhere is the same data."""
+    digest = hashlib.sha256(f"{cfg.name}|{cfg.frames}|{cfg.image_size}".encode())
+    if cfg.name not in ("default", "synthetic_clips"):
+        root = _data_root(cfg)
+        if not root.is_dir():
+            raise ReslabError(f"{root}: no such folder")
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            rel = Path(folder).relative_to(root)
+            digest.update("".join(f"{rel / name}\n" for name in sorted(files)).encode())
+    return digest.hexdigest()[:16]
 
 
 def has_test_split(cfg: DataConfig) -> bool:
@@ -204,7 +252,8 @@ def load_arrays(cfg: DataConfig, progress: bool = True) -> tuple[ImageArrays, Im
         return load_clip_folder(train_dir, cfg.frames, size), test
     train, test = find_splits(root)
     (h, w), channels = peek_images(train)
-    small = max(h, w) <= SMALL_IMAGE_MAX
+    # small images are decoded into memory at their own size; another data.image_size streams them
+    small = max(h, w) <= SMALL_IMAGE_MAX and cfg.image_size in (None, h, w)
     if cfg.in_memory == "no" or (cfg.in_memory == "auto" and not small):
         return None
     cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "datasets"
@@ -248,6 +297,13 @@ def build_data(
     arrays = load_arrays(cfg, progress)
     if arrays is None:
         return _streaming(cfg, place, channels, preprocess)
+    size = tuple(arrays[0].images.shape[-2:])
+    if cfg.image_size and cfg.name not in ("clips", "synthetic_clips") and cfg.image_size not in set(size):
+        raise ReslabError(
+            f"data.image_size={cfg.image_size}: {cfg.name}'s {size[0]}x{size[1]} images are decoded into memory "
+            "at their own size; drop data.image_size"
+            + (" or stream them from their files with data.in_memory=no" if cfg.name == "folder" else "")
+        )
     skipped = arrays[0].skipped + (arrays[1].skipped if arrays[1] else [])
     train, evaluation, split = split_data(*arrays, cfg, place.seed)
     if channels and channels != train.images.shape[1]:

@@ -13,6 +13,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from reslab.errors import ReslabError
+
 
 class Loader(Protocol):
     """Batches of (normalised images on the device, labels), epoch by epoch.
@@ -162,3 +164,18 @@ def in_background(items: Iterable[T], device: torch.device, depth: int = 2) -> I
     finally:
         stop.set()
         thread.join()
+
+
+def first_batch(loader: Loader) -> torch.Tensor:
+    """The inputs of a loader's first batch (a probe of real inputs), or a one-line error when no
+    file could be read."""
+    for x, _ in loader:
+        return x
+    raise nothing_readable(loader)
+
+
+def nothing_readable(loader: Loader) -> ReslabError:
+    """The error for a loader that yielded nothing: every file was skipped (each named as it was)."""
+    skipped = getattr(loader, "skipped", [])
+    detail = f" ({len(skipped)} skipped, e.g. {skipped[0]})" if skipped else ""
+    return ReslabError(f"no readable image among the files given{detail}")

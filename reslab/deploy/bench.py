@@ -140,6 +140,7 @@ def bench(
     fast = fold_batchnorm(model).to(memory_format=layout)
     runners = _runners(name, model, fast, backends, precisions, dev, size, say)
     rows: list[dict[str, Any]] = []
+    raised: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for bs in batches:
             x = _inputs(real, bs, (model.in_chans, *size)).to(dev)
@@ -156,7 +157,6 @@ def bench(
                     out = torch.as_tensor(fn()).to(dev)
                     cell = latency(time_calls(fn, min_time, sync=sync), bs)
                 gflops = 2 * macs_per_image * cell["img_per_s"] / 1e9
-                peak = peaks.get(precision if not backend.startswith("ort") else "fp32", peaks["fp32"])
                 rows.append(
                     {
                         "backend": backend,
@@ -164,7 +164,9 @@ def bench(
                         "batch": bs,
                         **cell,
                         "gflops_per_s": gflops,
-                        "peak_fraction": gflops / peak,
+                        "peak_precision": precision
+                        if precision in peaks and not backend.startswith("ort")
+                        else "fp32",
                         "top1_agree": (out.float().argmax(1) == reference).float().mean().item(),
                         "tf32": tf32,
                     }
@@ -173,12 +175,22 @@ def bench(
     for row in rows:
         ref = next((r for r in rows if r["backend"] == "torchvision" and r["batch"] == row["batch"]), None)
         row["vs_torchvision"] = row["img_per_s"] / ref["img_per_s"] if ref else None
+    # A row faster than the matmul measurement means the measurement ran low (a busy machine, or
+    # convolution kernels that beat a plain matmul): the peak is then the fastest row, and said so.
+    for precision, peak in list(peaks.items()):
+        best = max((r["gflops_per_s"] for r in rows if r["peak_precision"] == precision), default=0.0)
+        if best > peak:
+            peaks[precision] = best
+            raised.append(precision)
+    for row in rows:
+        row["peak_fraction"] = row["gflops_per_s"] / peaks[row.pop("peak_precision")]
     return {
         "model": name,
         "input_size": list(size),
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "peak_gflops": peaks,
+        "peak_raised_to_fastest_row": raised,
         "gflops_per_image": 2 * macs_per_image / 1e9,
         "rows": rows,
     }

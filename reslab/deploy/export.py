@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.config import json_text
 from reslab.deploy.fold import fold_batchnorm
 from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
+from reslab.weights import guard_output
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}  # file suffixes
 OPSET = 18
@@ -98,7 +100,11 @@ def run_exported(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.jit.load(str(path))(x)
-    return torch.export.load(str(path)).module()(x)
+    with open(path, "rb") as f:  # a file object: torch.export warns about names not ending in .pt2
+        return torch.export.load(f).module()(x)
+
+
+KINDS = {"onnx": "ONNX model", "torchscript": "TorchScript module", "exported": "torch.export program"}
 
 
 def export_model(
@@ -110,10 +116,16 @@ def export_model(
     fold_bn: bool = False,
     verify_inputs: torch.Tensor | None = None,
     precision: str = "fp32",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a checkpoint's model in ``fmt`` to ``out`` (+ ``out.json``) and verify it on
     ``verify_inputs`` against the fp32 PyTorch model. ``precision`` fp16 writes half-precision
-    ONNX (weights and inputs), verified with ONNX Runtime (its CUDA provider where available)."""
+    ONNX (weights and inputs), verified with ONNX Runtime (its CUDA provider where available).
+
+    The file is written beside ``out`` under a temporary name, verified there, and only then
+    renamed into place: a failed export or verification leaves whatever was at ``out`` as it was.
+    ``out`` is never the checkpoint itself, nor a file of another kind (unless ``overwrite``).
+    """
     if fmt not in FORMATS:
         raise ReslabError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS or (precision != "fp32" and fmt != "onnx"):
@@ -122,57 +134,86 @@ def export_model(
     dynamic = batch == "dynamic"
     if not dynamic and (not isinstance(batch, int) or batch < 1):
         raise ReslabError(f"--batch {batch!r}: 'dynamic' or a positive number")
+    path = guard_output(out, KINDS[fmt], inputs=(ckpt.path,), overwrite=overwrite)
+    sidecar = guard_output(f"{path}.json", "JSON", inputs=(ckpt.path,), overwrite=overwrite)
     model = ckpt.model.eval().cpu().float()
     deployed = (fold_batchnorm(model) if fold_bn else copy.deepcopy(model)).to(dtype)
     shape = (2 if dynamic else batch, ckpt.preprocess.channels, *ckpt.preprocess.size)
     example = torch.randn(shape, dtype=dtype)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(ckpt, fmt, batch, fold_bn, precision)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
-        with torch.no_grad():
-            if fmt == "onnx":
-                write_onnx(deployed, example, path, dynamic, metadata)
-            elif fmt == "torchscript":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(deployed, example)
-                traced.save(str(path), _extra_files={"reslab.json": json.dumps(metadata)})
-            else:
-                shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
-                program = torch.export.export(deployed, (example,), dynamic_shapes=shapes)
-                torch.export.save(program, str(path), extra_files={"reslab.json": json.dumps(metadata)})
-        Path(f"{path}.json").write_text(json.dumps(metadata, indent=1))
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "file" not in str(e):
-            raise  # an exporter failure, not a file problem
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise ReslabError(f"{path}: cannot be written ({reason}); choose a writable --out") from None
-    report = {
-        "path": str(path),
-        "format": fmt,
-        "bytes": path.stat().st_size,
-        "batch": batch,
-        "folded_bn": fold_bn,
-        "precision": precision,
-    }
-    if verify_inputs is not None:
-        x = verify_inputs.cpu() if dynamic else verify_inputs[:batch].cpu()
-        if not dynamic and len(x) < batch:
-            x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.ndim - 1))[:batch]
-        with torch.no_grad():
-            ref = model(x)
-            got = run_exported(path, fmt, x.to(dtype))
-        diff = (got - ref).abs().max().item()
-        agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
-        tol = TOLERANCE[precision] * max(1.0, ref.abs().max().item())
-        report.update(verified_on=len(x), max_abs_diff=diff, top1_agreement=agree, tolerance=tol)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(fmt, deployed, example, tmp, dynamic, metadata)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "file" not in str(e):
+                raise  # an exporter failure, not a file problem
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise ReslabError(f"{path}: cannot be written ({reason}); choose a writable --out") from None
+        report = {
+            "path": str(path),
+            "format": fmt,
+            "bytes": tmp.stat().st_size,
+            "batch": batch,
+            "folded_bn": fold_bn,
+            "precision": precision,
+        }
+        if verify_inputs is not None:
+            report.update(_verify(model, tmp, fmt, verify_inputs, dynamic, batch, precision, path))
+        sidecar.write_text(json_text(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
+
+
+def _write(
+    fmt: str, model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, metadata: dict
+) -> None:
+    with torch.no_grad():
         if fmt == "onnx":
-            report["verified_with"] = ort_session(path, gpu=dtype == torch.float16).get_providers()[0]
-        # in half precision two near-tied logits may swap: the tolerance is the test there
-        if not diff <= tol or (precision == "fp32" and agree < 1.0):
-            raise ReslabError(
-                f"{path}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
-                f"top-1 agreement {100 * agree:.1f}% on {len(x)} images"
-            )
+            write_onnx(model, example, path, dynamic, metadata)
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(model, example)
+            traced.save(str(path), _extra_files={"reslab.json": json.dumps(metadata)})
+        else:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+            program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+            with open(path, "wb") as f:  # as in run_exported: any file name
+                torch.export.save(program, f, extra_files={"reslab.json": json.dumps(metadata)})
+
+
+def _verify(
+    model: nn.Module,
+    file: Path,
+    fmt: str,
+    inputs: torch.Tensor,
+    dynamic: bool,
+    batch: str | int,
+    precision: str,
+    name: Path,
+) -> dict[str, Any]:
+    """Run the written ``file`` on real ``inputs`` against the fp32 PyTorch model; raise on a mismatch."""
+    dtype = PRECISIONS[precision]
+    x = inputs.cpu() if dynamic else inputs[:batch].cpu()
+    if not dynamic and len(x) < batch:
+        x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.ndim - 1))[:batch]
+    with torch.no_grad():
+        ref = model(x)
+        got = run_exported(file, fmt, x.to(dtype))
+    diff = (got - ref).abs().max().item()
+    agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
+    tol = TOLERANCE[precision] * max(1.0, ref.abs().max().item())
+    report = {"verified_on": len(x), "max_abs_diff": diff, "top1_agreement": agree, "tolerance": tol}
+    if fmt == "onnx":
+        report["verified_with"] = ort_session(file, gpu=dtype == torch.float16).get_providers()[0]
+    # in half precision two near-tied logits may swap: the tolerance is the test there
+    if not diff <= tol or (precision == "fp32" and agree < 1.0):
+        raise ReslabError(
+            f"{name}: verification failed: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
+            f"top-1 agreement {100 * agree:.1f}% on {len(x)} images; nothing was written"
+        )
     return report

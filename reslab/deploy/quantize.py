@@ -21,6 +21,7 @@ from reslab.deploy.inputs import real_inputs
 from reslab.engine import EvalStats, read_checkpoint
 from reslab.engine.timing import latency, time_calls
 from reslab.errors import ReslabError
+from reslab.weights import guard_output
 
 
 def quantize_onnx(fp32: Path, int8: Path, calibration: torch.Tensor, batch: int = 16) -> Path:
@@ -84,6 +85,7 @@ def quantize_report(
     calib_n: int = 256,
     model: str | None = None,
     min_time: float = 1.5,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export fp32 ONNX, quantize to int8 on real calibration images, and compare accuracy on the
     checkpoint's real test set and speed at batch 1 and 8 (``min_time`` seconds per measurement)."""
@@ -93,6 +95,8 @@ def quantize_report(
     fp32 = int8.with_name(
         int8.name.replace(".int8", "") if ".int8" in int8.name else int8.stem + ".fp32.onnx"
     )
+    for path in (int8, fp32):
+        guard_output(path, "ONNX model", inputs=(checkpoint,), overwrite=overwrite)
     loader = None
     if (ckpt.config or {}).get("data"):
         cfg, seed = checkpoint_data(ckpt.config, augment="none", batch_size=64, eval_batch_size=256)
@@ -109,7 +113,7 @@ def quantize_report(
         raise ReslabError(
             f"{checkpoint}: no record of its data; pass --calib DIR with real calibration images"
         )
-    export_model(ckpt, "onnx", fp32, fold_bn=True, verify_inputs=calibration[:16])
+    export_model(ckpt, "onnx", fp32, fold_bn=True, verify_inputs=calibration[:16], overwrite=overwrite)
     quantize_onnx(fp32, int8, calibration)
     report: dict[str, Any] = {"fp32": str(fp32), "int8": str(int8), "calibration_images": len(calibration)}
     if loader is not None:

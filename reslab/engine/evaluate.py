@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslab.config import json_text
 from reslab.engine import distributed as dist
 from reslab.engine.device import autocast
 from reslab.engine.rundir import pyplot
@@ -96,7 +96,7 @@ def eval_report(
         report["confusion_png"] = str(
             plot_confusion(result["confusion"], classes, out_dir / "confusion.png", title)
         )
-        (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+        (out_dir / "eval.json").write_text(json_text(report))
     return report
 
 

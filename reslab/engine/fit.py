@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from reslab.config import TrainConfig, load_config, to_dict
-from reslab.data import Data, Placement, TensorLoader, build_data
+from reslab.config import TrainConfig, json_text, load_config, to_dict
+from reslab.data import Data, Placement, TensorLoader, build_data, data_fingerprint, resolve_paths
 from reslab.engine import distributed as dist
 from reslab.engine.checkpoint import (
     BEST,
@@ -44,7 +44,7 @@ from reslab.engine.device import for_device, resolve_device, rng_state, set_rng_
 from reslab.engine.evaluate import eval_report, evaluate
 from reslab.engine.graphs import CapturedStep, graph_blockers, make_step
 from reslab.engine.rundir import RunLog, code_version, default_run_dir, epoch_line, plot_curves, write_header
-from reslab.engine.train import EMA, Stop, TrainStep, build_optimizer, train_one_epoch
+from reslab.engine.train import EMA, Stop, TrainStep, build_optimizer, logged_lr, train_one_epoch
 from reslab.errors import NonFiniteLoss, ReslabError, TrainingInterrupted
 from reslab.models import create_model
 
@@ -209,6 +209,7 @@ def fit(
     progress: bool | None = None,
     iters: int | None = None,
     epochs: float | None = None,
+    data_dir: str | os.PathLike | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train ``cfg.model`` on ``cfg.data`` as ``cfg`` says, or continue the run ``resume`` names
@@ -216,9 +217,11 @@ def fit(
     policy its checkpoint records. ``policy`` changes how a new run's model is built and trained
     (fine-tuning).
 
-    What may change when a run continues is said explicitly: ``device``, ``progress``, and a new
-    budget (``iters`` or ``epochs``, counted from the start of the run). ``on_log`` receives every
-    metrics row as it is written. Under torchrun every process calls ``fit``: it joins the process
+    What may change when a run continues is said explicitly: ``device``, ``progress``, a new
+    budget (``iters`` or ``epochs``, counted from the start of the run), and ``data_dir`` for data
+    that moved (it must be the same data: the same class folders and files). Runs record their
+    folders as absolute paths, so they continue and evaluate from any working directory.
+    ``on_log`` receives every metrics row as it is written. Under torchrun every process calls ``fit``: it joins the process
     group and leaves it, and only rank 0 writes (``RunResult.is_main``).
     """
     changes = {k: v for k, v in (("device", device), ("progress", progress)) if v is not None}
@@ -232,18 +235,54 @@ def fit(
             )
         file = resume_file(resume)
         ckpt, run_dir = read_run_checkpoint(file), file.parent
-        if not ckpt.resumable:
-            raise ReslabError(f"{file}: holds weights only, not a training run to resume")
-        cfg = load_config(base=ckpt.config or {}, overrides={**changes, **budget})
+        _check_resumable(file, ckpt, bool(budget))
+        moved = {"data.dir": str(Path(data_dir).resolve())} if data_dir is not None else {}
+        cfg = load_config(base=ckpt.config or {}, overrides={**changes, **budget, **moved})
+        if moved:
+            _check_same_data(cfg, ckpt, file)
         policy = policy_from_record(ckpt.policy, str(file))
     elif cfg is None:
         raise ReslabError("fit needs a config (reslab.config.load_config) or resume=RUN_DIR")
     else:
-        cfg = dataclasses.replace(cfg, **changes, **budget)
+        cfg = dataclasses.replace(cfg, **changes, **budget, data=resolve_paths(cfg.data))
+        if data_dir is not None:
+            raise ReslabError("data_dir= points a resumed run at moved data; a new run sets cfg.data.dir")
     with dist.session(cfg.device) as ctx:
         run = _open(cfg, ctx, policy or TrainPolicy(), ckpt, run_dir, new_budget=bool(budget))
         run.on_log = on_log
         return _train(run)
+
+
+def _check_resumable(file: Path, ckpt: RunCheckpoint, new_budget: bool) -> None:
+    """A run continues from its latest checkpoint, and only when there is something to train."""
+    if not ckpt.resumable:
+        raise ReslabError(f"{file}: holds weights only, not a training run to resume")
+    last = file.parent / LAST
+    if file.name != LAST and last.exists():
+        at = read_run_checkpoint(last).state.iteration
+        if at != ckpt.state.iteration:
+            raise ReslabError(
+                f"{file} is iteration {ckpt.state.iteration} of a run that went on to {at} ({last}); "
+                f"resuming from it would rewind the run and replace {LAST}: resume with "
+                f"{shlex.quote(str(file.parent))}, or copy {file.name} into a new folder to branch from it"
+            )
+    if ckpt.budget.done(ckpt.state) and not new_budget:
+        raise ReslabError(
+            f"{file.parent} has finished ({ckpt.state.iteration} iterations); nothing to resume "
+            "(give a longer budget with --iters or --epochs to train on)"
+        )
+
+
+def _check_same_data(cfg: TrainConfig, ckpt: RunCheckpoint, file: Path) -> None:
+    """Moved data must be the data the run was trained on."""
+    recorded = ckpt.settings.get("data_fingerprint")
+    if recorded is None:  # runs of earlier versions recorded no fingerprint: the classes are checked
+        return
+    if data_fingerprint(cfg.data) != recorded:
+        raise ReslabError(
+            f"{cfg.data.dir} is not the data {file.parent} was trained on (other class folders or "
+            "files); resume with that data"
+        )
 
 
 def _train(run: Run) -> RunResult:
@@ -287,8 +326,11 @@ def _open(
     if run_dir is None:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         if (run_dir / LAST).exists():
+            finished = (run_dir / "summary.json").exists()
             raise ReslabError(
-                f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out"
+                f"{run_dir} already holds a {'finished ' if finished else ''}run; "
+                + ("train it on with" if finished else "resume it with")
+                + f" --resume {shlex.quote(str(run_dir))}{' --iters N' if finished else ''}, or choose another --out"
             )
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -301,6 +343,11 @@ def _open(
         channels=model_args.pop("in_chans", None),
         progress=cfg.progress and ctx.is_main,
     )
+    if ckpt is not None and ckpt.classes and ckpt.classes != data.classes:
+        raise ReslabError(
+            f"the data's classes ({', '.join(data.classes[:5])}, ...) are not the run's "
+            f"({', '.join(ckpt.classes[:5])}, ...); resume with the data it was trained on"
+        )
     num_classes = model_args.setdefault("num_classes", len(data.classes))
     if num_classes != len(data.classes):
         raise ReslabError(
@@ -333,7 +380,7 @@ def _open(
     if len(data.train) == 0:
         raise ReslabError(
             f"{data.train.num_samples} training images is less than one batch of {cfg.data.batch_size}; "
-            "lower data.batch_size"
+            "lower the batch size (--batch-size)"
         )
     budget = Budget(_total_iters(cfg, len(data.train)), global_batch)
     state = TrainState()
@@ -401,6 +448,7 @@ def _settings(
         "channels_last": cfg.channels_last,
         "decode": data.decode,
         "decode_choice": data.decode_choice,
+        "data_fingerprint": data_fingerprint(cfg.data),
         "torch": str(torch.__version__),
         "code_version": code_version(),
     }
@@ -413,7 +461,11 @@ def _check_fits(model: nn.Module, data: Data, cfg: TrainConfig) -> None:
         kind = {2: "images", 3: "video clips"}
         raise ReslabError(
             f"{cfg.model} reads {kind[ndim]} but data {data.name} holds {kind[data.ndim]}; "
-            + ("use --data clips or synthetic_clips" if ndim == 3 else "use a 2D model (reslab models)")
+            + (
+                "train it on clips (reslab train --data clips --data-dir DIR)"
+                if ndim == 3
+                else "train a 2D model on images (reslab models)"
+            )
         )
 
 
@@ -464,7 +516,7 @@ def _run_epoch(run: Run, stop: Stop) -> tuple[dict[str, Any] | None, dict[str, A
         raise TrainingInterrupted(
             f"interrupted at epoch {state.epoch + (0 if finished else 1)}, iteration "
             f"{state.iteration}/{run.budget.total_iters}: saved {run.run_dir / LAST}; resume with: "
-            f"reslab train --resume {run.run_dir}",
+            f"reslab train --resume {shlex.quote(str(run.run_dir))}",
             is_main=run.ctx.is_main,
         )
     return row, ev
@@ -484,7 +536,7 @@ def _periodic_eval(run: Run, state: TrainState) -> None:
         and state.step < run.steps_per_epoch
         and not run.budget.done(state)
     ):
-        ev = run.evaluate()
+        ev = _finite(run.evaluate(), run, state)
         if run.ctx.is_main:
             run.log_row(
                 {
@@ -498,6 +550,18 @@ def _periodic_eval(run: Run, state: TrainState) -> None:
             )
 
 
+def _finite(ev: dict[str, Any], run: Run, state: TrainState) -> dict[str, Any]:
+    """An evaluation whose loss is a number; otherwise the run stops before a checkpoint is written
+    (a checkpoint is good only if its evaluation is finite)."""
+    if not math.isfinite(ev["loss"]):
+        raise NonFiniteLoss(
+            f"the {run.data.eval_split} loss became {ev['loss']} by iteration {state.iteration}: the "
+            "weights no longer give finite outputs. Lower optim.lr, add warm-up (sched.warmup_iters=400) "
+            "or clip gradients (grad_clip=1.0)"
+        )
+    return ev
+
+
 def _end_epoch(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Close an epoch: its summary row, an evaluation when due, best.pt and last.pt."""
     state, sums = run.state, run.state.sums
@@ -507,7 +571,7 @@ def _end_epoch(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
         "iteration": state.iteration,
         "train_loss": sums["loss"] / max(1, sums["n"]),
         "train_err": sums["err"] / max(1, sums["n"]),
-        "lr": run.step.optimizer.param_groups[0]["lr"],
+        "lr": logged_lr(run.step.optimizer),
         "epoch_time_s": sums["time"],
         "img_s": sums["n"] / max(sums["time"], 1e-9),
         "eval_loss": None,
@@ -518,7 +582,7 @@ def _end_epoch(run: Run) -> tuple[dict[str, Any], dict[str, Any] | None]:
     state.end_epoch()
     ev = None
     if state.epoch % run.cfg.eval_every == 0 or run.budget.done(state):
-        ev = run.evaluate()
+        ev = _finite(run.evaluate(), run, state)
         row.update(eval_loss=ev["loss"], eval_err=ev["err"], eval_top5_err=ev["top5_err"])
         if run.step.ema is not None:
             row["ema_eval_err"] = run.evaluate(run.step.ema.module)["err"]
@@ -564,7 +628,7 @@ def _finish(run: Run, last_row: dict[str, Any], last_eval: dict[str, Any], secon
     if main:
         if data.train.skipped or data.eval.skipped:
             _list_skipped(data, run.run_dir)
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run.run_dir / "summary.json").write_text(json_text(summary))
         plot_curves(run.run_dir, title=f"{cfg.model} on {data.name}", split=data.eval_split)
     return RunResult(
         run.run_dir,

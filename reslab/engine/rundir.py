@@ -17,7 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from reslab import __version__
-from reslab.config import TrainConfig, save_config
+from reslab.config import TrainConfig, json_text, save_config
 
 EPOCH_COLUMNS = (
     "epoch",
@@ -100,7 +100,7 @@ class RunLog:
         """Drop rows written after ``iteration`` (a resumed run rewrites them identically)."""
         if self.jsonl.exists():
             rows = [r for r in read_metrics(self.dir) if r["iteration"] <= iteration]
-            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.jsonl.write_text("".join(json_text(r, None) + "\n" for r in rows))
             epochs = [r for r in rows if r["kind"] == "epoch"]
             self._write_csv(epochs)
 
@@ -112,7 +112,7 @@ class RunLog:
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row, None) + "\n")
         if row["kind"] == "epoch":
             new = not self.csv.exists()
             with open(self.csv, "a", newline="") as f:

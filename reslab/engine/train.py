@@ -63,6 +63,12 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=o.betas)
 
 
+def logged_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate logs show: the last parameter group's (the only one in plain training;
+    the head's when fine-tuning, whose frozen stem comes first)."""
+    return optimizer.param_groups[-1]["lr"]
+
+
 class EMA:
     """Exponential moving average of a model's weights (buffers copied), for evaluation."""
 
@@ -275,7 +281,7 @@ def _flush_window(
             "epoch": state.epoch + 1,
             "train_loss": loss / n,
             "train_err": err / n,
-            "lr": step.optimizer.param_groups[0]["lr"],
+            "lr": logged_lr(step.optimizer),
             "img_s": n / max(elapsed, 1e-9),
         }
         if log is not None:

@@ -36,7 +36,11 @@ def default_act() -> nn.Module:
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (Wu & He 2018), for any number of spatial dimensions."""
+    """GroupNorm (Wu & He 2018) for any number of spatial dimensions: 32 groups, as the paper and
+    timm use, or for narrow layers (the CIFAR nets' 16 channels) the most groups that divide the
+    channels and keep at least two channels each (16 channels: 8 groups)."""
+    if channels % groups or channels // groups < 2 <= channels:
+        groups = max((g for g in range(1, groups + 1) if channels % g == 0 and channels // g >= 2), default=1)
     return nn.GroupNorm(groups, channels)
 
 

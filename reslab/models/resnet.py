@@ -342,6 +342,27 @@ def make_stage(
     return nn.Sequential(*blocks)
 
 
+OUTPUT_STRIDES = (8, 16, 32)  # what dilation can keep (timm's and torchvision's segmentation backbones)
+
+
+def _check_options(
+    num_classes: int | None, in_chans: int, drop_rate: float, drop_path_rate: float, output_stride: int | None
+) -> None:
+    """Build options out of range fail here, naming the option, not later in a forward pass."""
+    problems = []
+    if num_classes is not None and num_classes < 0:
+        problems.append(f"num_classes={num_classes} (0 for no classifier, or a positive number)")
+    if in_chans < 1:
+        problems.append(f"in_chans={in_chans} (1 or more)")
+    for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if not 0 <= rate < 1:
+            problems.append(f"{name}={rate} (a probability in [0, 1))")
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        problems.append(f"output_stride={output_stride} (one of {', '.join(map(str, OUTPUT_STRIDES))})")
+    if problems:
+        raise ReslabError("model option out of range: " + "; ".join(problems))
+
+
 class ResNet(nn.Module):
     """Every reslab network. Build one from a registered name with :func:`reslab.create_model`.
 
@@ -369,6 +390,7 @@ class ResNet(nn.Module):
         out_indices: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        _check_options(num_classes, in_chans, drop_rate, drop_path_rate, output_stride)
         self.spec = spec
         self.num_classes = spec.num_classes if num_classes is None else num_classes
         self.in_chans = in_chans

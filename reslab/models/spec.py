@@ -60,7 +60,7 @@ class ResNetSpec:
     # keyword arguments of the attention layer; a tuple value gives one per stage
     attn_args: tuple[tuple[str, Any], ...] = ()
     aa: str | None = None  # anti-aliased downsampling in strided convs and the stem: "avg", "blur"
-    norm: str = "batch"  # "batch", "group" (GroupNorm, 32 groups), "frozen"
+    norm: str = "batch"  # "batch", "group" (GroupNorm, 32 groups; fewer on narrow layers), "frozen"
     # explicit output channels of each conv of each block, in depth order (pruned networks); the
     # nominal widths above still name the architecture it was pruned from
     block_widths: tuple[tuple[int, ...], ...] | None = None
