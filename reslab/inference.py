@@ -158,7 +158,7 @@ KINDS = {2: "images", 3: "video clips"}
 def check_input_kind(ckpt: Checkpoint, ndim: int) -> None:
     """Refuse inputs of another kind than the model reads (images for a video model, or the
     reverse), naming both and what to run instead. Members of an ensemble share their geometry."""
-    reads = len(ckpt.preprocess.size)
+    reads = getattr(getattr(ckpt.model, "spec", None), "ndim", len(ckpt.preprocess.size))
     if reads != ndim:
         fix = "predict classifies images" if reads == 2 else "evaluate it on clips (reslab eval --data clips)"
         raise ReslabError(f"{ckpt.path} is a {ckpt.arch} model of {KINDS[reads]}, given {KINDS[ndim]}; {fix}")
