@@ -1,10 +1,13 @@
 """Export and verify one model of every registered 2D family in every format, on real images.
 
-    .venv/bin/python benchmarks/export_families.py [--images ../shared/data/imagenet-samples] [--fold-bn]
+    .venv/bin/python benchmarks/export_families.py [--images ../shared/data/imagenet-samples]
+        [--fold-bn] [--formats onnx,torchscript,exported,pte,coreml]
 
 For each family (as `reslab models` groups them) the first registered model is built with random
-weights and random BN statistics, exported to ONNX (run by ONNX Runtime), TorchScript and a
-torch.export program, and each export is verified against PyTorch on 8 real images with
+weights and random BN statistics, exported to ONNX (run by ONNX Runtime), TorchScript, a
+torch.export program, an ExecuTorch program (run by ExecuTorch's runtime; BatchNorm folded, and
+the pre-activation nets' remaining BatchNorms decomposed for XNNPACK) and a Core ML package (its
+spec read back: Core ML runs on macOS only), each verified against PyTorch on 8 real images with
 ``reslab.deploy.export.export_model``: max abs difference and top-1 agreement. ImageNet-sized
 families read the JPEGs at 224x224 (resize 256, crop 224), CIFAR-sized ones at 32x32. Prints a
 table and one JSON line; exits non-zero if any export fails.
@@ -35,6 +38,7 @@ def main() -> None:
         "--images", default=str(Path(__file__).resolve().parents[2] / "shared/data/imagenet-samples")
     )
     p.add_argument("--fold-bn", action="store_true")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     args = p.parse_args()
     families: dict[str, str] = {}
     for name in list_models():
@@ -55,11 +59,15 @@ def main() -> None:
             pre = default_preprocess(name, 3, tuple(str(i) for i in range(model.num_classes)))
             ckpt = Checkpoint(model, name, pre, path=name)
             x = torch.cat([b for b, _ in image_loader(files, pre, batch_size=8, workers=0)])
-            for fmt, suffix in FORMATS.items():
+            for fmt in args.formats.split(","):
                 t0 = time.perf_counter()
                 try:
                     r = export_model(
-                        ckpt, fmt, Path(tmp) / f"{name}{suffix}", fold_bn=args.fold_bn, verify_inputs=x
+                        ckpt,
+                        fmt,
+                        Path(tmp) / f"{name}{FORMATS[fmt].suffix}",
+                        fold_bn=args.fold_bn,
+                        verify_inputs=x,
                     )
                     status = "ok"
                 except Exception as e:  # a failed export is a row of the table, not the end of the run
@@ -71,6 +79,7 @@ def main() -> None:
                         "format": fmt,
                         "status": status,
                         "max_abs_diff": r.get("max_abs_diff"),
+                        "verified_with": r.get("verified_with"),
                         "top1_agreement": r.get("top1_agreement"),
                         "seconds": round(time.perf_counter() - t0, 1),
                     }

@@ -216,7 +216,9 @@ def file_kind(path: str | os.PathLike) -> str:
     TorchScript module, a torch.export program, safetensors weights, an ONNX model, ..."""
     path = Path(path)
     if path.is_dir():
-        return "folder"
+        if (path / "Manifest.json").exists():
+            return "Core ML package"
+        return "reslab bundle" if (path / "bundle.json").exists() else "folder"
     with open(path, "rb") as f:
         head = f.read(64)
     if head[:2] == b"PK":

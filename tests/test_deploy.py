@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -361,3 +362,197 @@ def test_half_precision_onnx_export_is_verified(cifar_checkpoint, tmp_path) -> N
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     with pytest.raises(ReslabError, match="fp16 for onnx"):
         export_model(ckpt, "torchscript", tmp_path / "m.pt", precision="fp16")
+
+
+# --- on the device: ExecuTorch, Core ML, int8, bundles ------------------------------------------
+
+
+def test_executorch_fp32_is_verified_by_its_runtime_on_real_images(cifar_checkpoint, tmp_path) -> None:
+    from reslab.deploy import real_inputs
+    from reslab.deploy.export import export_model, run_exported
+    from reslab.engine import read_checkpoint
+
+    ckpt = read_checkpoint(cifar_checkpoint[0], device="cpu")
+    x = real_inputs(ckpt, None, 6)
+    report = export_model(ckpt, "pte", tmp_path / "m.pte", verify_inputs=x)
+    assert report["verified_with"].startswith("ExecuTorch runtime") and report["top1_agreement"] == 1.0
+    assert report["folded_bn"] and report["batch"] == 1 and report["max_abs_diff"] < 1e-3
+    torch.testing.assert_close(run_exported(tmp_path / "m.pte", "pte", x), ckpt.model(x), rtol=0, atol=1e-3)
+    with pytest.raises(ReslabError, match="runs one fixed batch size"):
+        export_model(ckpt, "pte", tmp_path / "d.pte", batch="dynamic")
+    with pytest.raises(ReslabError, match="int8 is written for onnx, pte, not torchscript"):
+        export_model(ckpt, "torchscript", tmp_path / "q.pt", quantize="int8")
+    with pytest.raises(ReslabError, match=r"calibration images of shape \(1, 32, 32\) do not fit"):
+        export_model(ckpt, "pte", tmp_path / "q.pte", quantize="int8", calibration=torch.rand(8, 1, 32, 32))
+
+
+def test_preactivation_batchnorm_is_decomposed_for_xnnpack(tmp_path) -> None:
+    """Pre-activation blocks keep BatchNorms no conv precedes: they become two delegated ops, and
+    the program still computes the model."""
+    from reslab import create_model
+    from reslab.deploy.edge import ChannelAffine, decompose_batchnorm, pte_runner, write_pte
+    from reslab.deploy.fold import fold_batchnorm
+
+    model = create_model("preact_resnet18_cifar", num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    folded = fold_batchnorm(model)
+    assert decompose_batchnorm(folded) > 0 and any(isinstance(m, ChannelAffine) for m in folded.modules())
+    x = torch.randn(2, 3, 32, 32)
+    write_pte(folded, x, tmp_path / "p.pte")
+    torch.testing.assert_close(pte_runner(tmp_path / "p.pte")(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_keeps_accuracy_and_reports_it_on_the_test_split(cifar_checkpoint, tmp_path, capsys) -> None:
+    from reslab.cli import main
+
+    ckpt, _ = cifar_checkpoint
+    for fmt in ("pte", "onnx"):
+        out = tmp_path / f"q.{fmt}"
+        args = ["export", "--checkpoint", str(ckpt), "--format", fmt, "--quantize", "int8", "--out", str(out)]
+        assert main([*args, "--calib-n", "64", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        accuracy = report["accuracy"]
+        assert report["precision"] == "int8" and accuracy["test_images"] == 48
+        assert accuracy["int8"]["top1_agreement_with_fp32"] >= 0.9
+        assert accuracy["int8"]["top1_err"] <= accuracy["pytorch-fp32"]["top1_err"] + 0.1
+    assert (tmp_path / "q.pte").stat().st_size < 0.5 * (ckpt.stat().st_size)  # int8 weights
+
+
+def test_coreml_package_carries_the_normalisation_and_labels(cifar_checkpoint, tmp_path) -> None:
+    from reslab.deploy.edge import first_conv, image_normalisation
+    from reslab.deploy.export import export_model
+    from reslab.engine import read_checkpoint
+
+    ckpt = read_checkpoint(cifar_checkpoint[0], device="cpu")
+    report = export_model(ckpt, "coreml", tmp_path / "m.mlpackage")
+    spec = report["coreml"]
+    assert (spec["input"], spec["input_type"], spec["input_size"], spec["color"]) == (
+        "image",
+        "imageType",
+        [32, 32],
+        "RGB",
+    )
+    assert spec["outputs"] == ["classLabel", "classLabel_probs"] and spec["conv_precision"] == "fp16"
+    assert report["predicted"] is False  # Core ML runs on macOS only: not claimed here
+    fp32 = export_model(ckpt, "coreml", tmp_path / "m32.mlpackage", precision="fp32")
+    assert fp32["coreml"]["conv_precision"] == "fp32" and fp32["bytes"] > report["bytes"]
+    # the image input's scale and biases and the factors folded into the first conv compute exactly
+    # the model's per-channel normalisation
+    pre = ckpt.preprocess
+    scale, bias, factors = image_normalisation(pre)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32)).float()
+    model = ckpt.model.eval()
+    expected = model(
+        (pixels / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+    )
+    import copy
+
+    folded = copy.deepcopy(model)
+    conv = first_conv(folded)
+    with torch.no_grad():
+        conv.weight.mul_(factors.view(1, -1, 1, 1))
+        got = folded(scale * pixels + torch.tensor(bias).view(1, 3, 1, 1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bundle_runs_without_reslab_and_fails_whole(
+    cifar_checkpoint, tmp_path, capsys, monkeypatch
+) -> None:
+    import subprocess
+    import sys
+
+    from reslab.cli import main
+
+    ckpt, root = cifar_checkpoint
+    bundle = tmp_path / "app"
+    args = [
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--format",
+        "pte",
+        "--bundle",
+        str(bundle),
+        "--quantize",
+        "int8",
+    ]
+    assert main([*args, "--calib-n", "32"]) == 0
+    files = sorted(p.name for p in bundle.iterdir())
+    assert files == [
+        "README.md",
+        "bundle.json",
+        "labels.txt",
+        "model-int8.pte",
+        "model.pte",
+        "predict.py",
+        "preprocess.json",
+    ]
+    facts = json.loads((bundle / "bundle.json").read_text())
+    assert set(facts["files"]) == {"fp32", "int8"} and facts["test"]["test_images"] == 48
+    card = (bundle / "README.md").read_text()
+    assert (
+        "| `model-int8.pte` | int8 |" in card
+        and "top-1 error" in card
+        and "Calibration: 32 real images" in card
+    )
+    image = sorted((root / "test" / "dog").iterdir())[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import runpy, sys; sys.modules['reslab'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(bundle / "predict.py"), str(image), "--top", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    capsys.readouterr()
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), str(image), "--topk", "1", "--json", "--device", "cpu"])
+        == 0
+    )
+    expected = json.loads(capsys.readouterr().out)[0]["top"][0]["class"]
+    assert done.stdout.split("\t")[0] == expected
+    # a failure half-way (the int8 file's verification) leaves the earlier bundle as it was
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    import reslab.deploy.export as export
+
+    original = export.run_exported
+    monkeypatch.setattr(
+        export, "run_exported", lambda p, f, x: original(p, f, x) + (100.0 if "int8" in str(p) else 0.0)
+    )
+    assert main([*args, "--calib-n", "32"]) == 2
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".app")]  # no half-written bundle
+
+
+def test_a_missing_extra_is_one_line(cifar_checkpoint, tmp_path, capsys, monkeypatch) -> None:
+    import importlib
+
+    from reslab.cli import main
+
+    real = importlib.import_module
+
+    def without_executorch(name, *a, **k):
+        if name.split(".")[0] == "executorch":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", without_executorch)
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(cifar_checkpoint[0]),
+                "--format",
+                "pte",
+                "--out",
+                str(tmp_path / "m.pte"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.strip() == "reslab: error: executorch is not installed; pip install 'reslab[edge]'"

@@ -94,7 +94,7 @@ def test_finetune_freezes_then_unfreezes_at_the_right_epoch(source, tmp_path) ->
     ft = read_file(out / "last.pt")
     assert ft["classes"] == ["cat", "dog", "fish"] and ft["model"]["fc.weight"].shape == (3, 64)
     # the log shows the head's learning rate, not the frozen stem's (a tenth of it)
-    head_lr = [g["lr"] for g in ft["optimizer"]["param_groups"] if g.get("name") == "head"][0]
+    head_lr = next(g["lr"] for g in ft["optimizer"]["param_groups"] if g.get("name") == "head")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["lr"] == head_lr and head_lr > ft["optimizer"]["param_groups"][0]["lr"]
     same = lambda k: torch.equal(src[k], ft["model"][k])  # noqa: E731

@@ -28,9 +28,10 @@ FAMILIES = ("train", "use", "deploy", "lab")  # each module registers its comman
 for _family in FAMILIES:
     importlib.import_module(f"reslab.cli.{_family}")
 
-# torch log lines that say nothing to a user of the command line (inductor on a machine without a
-# CUDA toolkit: "No CUDA runtime is found, using CUDA_HOME=...").
-QUIET_LOGGERS = ("torch.utils.cpp_extension",)
+# Library log lines that say nothing to a user of the command line: inductor on a machine without a
+# CUDA toolkit ("No CUDA runtime is found"), torchao's pytree registrations, coremltools on Linux
+# ("Failed to load _MLModelProxy": it cannot run models there, which reslab says itself).
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "coremltools")
 PIPE_CLOSED = 141  # 128 + SIGPIPE: what Unix tools exit with when a reader such as `head` stops
 
 

@@ -11,12 +11,14 @@ from reslab.config import (
     POSITIVE,
     ExportFormat,
     ExportPrecision,
+    Quantize,
     add_device_option,
     arg_type,
     choices,
     int_list,
     json_text,
 )
+from reslab.errors import ReslabError
 
 
 def _batch_arg(text: str) -> str | int:
@@ -27,18 +29,43 @@ _batch_arg.constraint = POSITIVE
 _positive_ints = int_list(POSITIVE)
 
 
-@command("export", "export a checkpoint to ONNX / TorchScript / torch.export and verify it on real images")
+@command("export", "export a checkpoint (ONNX, TorchScript, torch.export, ExecuTorch, Core ML) and verify it")
 def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--format", required=True, choices=choices(ExportFormat))
     p.add_argument(
-        "--batch", type=_batch_arg, default="dynamic", help="dynamic (default) or a fixed batch size"
+        "--batch",
+        type=_batch_arg,
+        help="dynamic or a fixed batch size (default: dynamic; 1 for pte and coreml)",
     )
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions first")
     p.add_argument(
-        "--precision", choices=choices(ExportPrecision), default="fp32", help="fp16: half-precision ONNX"
+        "--fold-bn", action="store_true", help="fold BatchNorm into the convolutions (pte, coreml: always)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=choices(ExportPrecision),
+        help="fp16: half-precision ONNX or Core ML (coreml's default)",
+    )
+    p.add_argument(
+        "--quantize", choices=choices(Quantize), help="int8 (onnx, pte): static, per-channel weights"
+    )
+    p.add_argument(
+        "--calib", metavar="DIR", help="calibration images (default: the checkpoint's training images)"
+    )
+    p.add_argument(
+        "--calib-n", type=arg_type(int, POSITIVE), default=256, help="number of calibration images"
     )
     p.add_argument("--out", metavar="FILE")
+    p.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="write a deployment folder: model(s), preprocess.json, labels, card, predict.py",
+    )
+    p.add_argument(
+        "--test-limit",
+        type=arg_type(int, POSITIVE),
+        help="test images for the accuracy report (default: all)",
+    )
     add_overwrite(p)
     add_model_option(p)
     p.add_argument(
@@ -48,36 +75,75 @@ def _export(p: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy import real_inputs
+        from reslab.deploy.bundle import write_bundle
         from reslab.deploy.export import FORMATS, export_model
+        from reslab.deploy.quantize import calibration_images, compare_on_test
         from reslab.engine import read_checkpoint
 
-        ckpt = read_checkpoint(args.checkpoint, args.model)
-        out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format]))
+        ckpt = read_checkpoint(args.checkpoint, args.model, device="cpu")
+        verify = real_inputs(ckpt, args.images, 16)
+        if args.bundle:
+            if args.out:
+                raise ReslabError("--bundle writes its own files (model.pte, ...): drop --out")
+            facts = write_bundle(
+                ckpt, args.format, args.bundle, verify_inputs=verify, quantize=args.quantize,
+                calib=args.calib, calib_n=args.calib_n, test_limit=args.test_limit, overwrite=args.overwrite,
+            )  # fmt: skip
+            if args.json:
+                print(json_text(facts))
+                return 0
+            print(
+                f"wrote the bundle {args.bundle}: {', '.join(sorted(p.name for p in Path(args.bundle).iterdir()))}"
+            )
+            for precision, info in facts["files"].items():
+                print(_file_line(precision, info))
+            return 0
+        out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format].suffix))
+        calibration = calibration_images(ckpt, args.calib, args.calib_n) if args.quantize else None
         report = export_model(
-            ckpt,
-            args.format,
-            out,
-            batch=args.batch,
-            fold_bn=args.fold_bn,
-            verify_inputs=real_inputs(ckpt, args.images, 16),
-            precision=args.precision,
-            overwrite=args.overwrite,
-        )
+            ckpt, args.format, out, batch=args.batch, fold_bn=args.fold_bn, verify_inputs=verify,
+            precision=args.precision, quantize=args.quantize, calibration=calibration, overwrite=args.overwrite,
+        )  # fmt: skip
+        if args.quantize:  # what int8 costs, on the real test split
+            report["accuracy"] = compare_on_test(ckpt, {"int8": (Path(out), args.format)}, args.test_limit)
         if args.json:
             print(json_text(report))
-        else:
+            return 0
+        print(
+            f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, {report['precision']}, batch {report['batch']}"
+            f"{', BN folded' if report['folded_bn'] else ''}) + {report['path']}.json"
+        )
+        if "top1_agreement" in report and "verified_on" in report:
             print(
-                f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, batch {args.batch}"
-                f"{', BN folded' if args.fold_bn else ''}) + {report['path']}.json"
+                f"verified on {report['verified_on']} real images with {report['verified_with']}: max abs diff "
+                f"{report['max_abs_diff']:.2e}, top-1 agreement with fp32 {100 * report['top1_agreement']:.1f}%"
             )
+        if "coreml" in report:
+            spec = report["coreml"]
             print(
-                f"verified on {report['verified_on']} real images against the fp32 model"
-                + (f" with {report['verified_with']}" if "verified_with" in report else "")
-                + f": max abs diff {report['max_abs_diff']:.2e}, top-1 agreement {100 * report['top1_agreement']:.1f}%"
+                f"checked the package's spec: input {spec['input']} ({spec['color']} {'x'.join(map(str, spec['input_size']))}), "
+                f"outputs {', '.join(spec['outputs'])}, {spec['conv_precision']}, {spec['ops']} ops; "
+                + (
+                    "predictions agree"
+                    if report["predicted"]
+                    else "prediction not checked: Core ML runs on macOS only"
+                )
+            )
+        accuracy = report.get("accuracy") or {}
+        if accuracy:
+            print(
+                f"on {accuracy['test_images']} test images: top-1 error fp32 (PyTorch) "
+                f"{pct(accuracy['pytorch-fp32']['top1_err'])}, int8 {pct(accuracy['int8']['top1_err'])}"
             )
         return 0
 
     return run
+
+
+def _file_line(precision: str, info: dict) -> str:
+    err = info.get("top1_err")
+    measured = f", top-1 error {pct(err)}" if err is not None else ""
+    return f"  {info['file']}: {precision}, {info['bytes'] / 1e6:.2f} MB{measured}"
 
 
 @command(

@@ -11,6 +11,7 @@ same inputs, and the agreement is reported.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -23,10 +24,10 @@ import torchvision
 from torch import nn
 
 from reslab.complexity import count_macs
-from reslab.deploy.export import ort_session, write_onnx
+from reslab.deploy import edge
 from reslab.deploy.fold import fold_batchnorm
 from reslab.deploy.inputs import real_inputs
-from reslab.deploy.quantize import quantize_onnx
+from reslab.deploy.onnx import ort_session, quantize_onnx, write_onnx
 from reslab.engine import read_checkpoint, resolve_device
 from reslab.engine.device import DTYPES, Precise, pytorch_tf32_defaults, set_tf32, synchronize
 from reslab.engine.timing import latency, matmul_peak, time_calls
@@ -41,7 +42,10 @@ BACKENDS = (
     "reslab-graph",
     "ort-fp32",
     "ort-int8",
+    "executorch-fp32",
+    "executorch-int8",
 )
+CPU_ONLY = ("ort-fp32", "ort-int8", "executorch-fp32", "executorch-int8")  # runtimes measured on CPUs
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 GRAPH_MAX_BATCH = 8  # CUDA graphs matter where launches dominate: small batches
 
@@ -55,8 +59,9 @@ def _torchvision_builder(name: str) -> Callable[[], nn.Module] | None:
 
 
 def default_backends(device: torch.device) -> tuple[str, ...]:
-    """Every backend that runs on ``device``: ONNX Runtime on CPUs, CUDA graphs on CUDA."""
-    extra = {"cpu": ("ort-fp32", "ort-int8"), "cuda": ("reslab-graph",)}.get(device.type, ())
+    """Every backend that runs on ``device``: ONNX Runtime and ExecuTorch on CPUs (ExecuTorch where
+    its extra is installed), CUDA graphs on CUDA."""
+    extra = {"cpu": CPU_ONLY, "cuda": ("reslab-graph",)}.get(device.type, ())
     return ("torchvision", "reslab", "reslab-cl-fold", "reslab-compile", *extra)
 
 
@@ -70,8 +75,12 @@ def _unavailable(name: str, in_chans: int, device: torch.device, backends: tuple
         "torchvision": f"torchvision has no {name}"
         if _torchvision_builder(name) is None
         else (f"torchvision's {name} reads 3 channels, this one {in_chans}" if in_chans != 3 else None),
-        "ort-fp32": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
-        "ort-int8": "ONNX Runtime is measured on the CPU only" if device.type != "cpu" else None,
+        **{b: f"{b.split('-')[0]} is measured on the CPU only" for b in CPU_ONLY if device.type != "cpu"},
+        **{
+            b: f"ExecuTorch is not installed ({edge.EXTRA})"
+            for b in CPU_ONLY
+            if b.startswith("executorch") and device.type == "cpu" and not _executorch_installed()
+        },
         "reslab-graph": "CUDA graphs need a CUDA device" if device.type != "cuda" else None,
     }
     return {b: reasons[b] for b in backends if reasons.get(b)}
@@ -247,6 +256,11 @@ def _runners(name, model, fast, backends, precisions, dev, size, say) -> dict[tu
             runners[backend, backend[4:]] = lambda x, tmp, b=backend: _ort_runner(
                 _onnx(fast, x, tmp, b == "ort-int8", name, say), x
             )
+    for backend in ("executorch-fp32", "executorch-int8"):
+        if backend in backends:
+            runners[backend, backend[11:]] = lambda x, tmp, b=backend: _pte_runner(
+                fast, x, tmp, b == "executorch-int8", say
+            )
     return runners
 
 
@@ -278,6 +292,25 @@ def _onnx(fast: nn.Module, x: torch.Tensor, tmp: Path, int8: bool, name: str, sa
         say("quantizing to int8 (random calibration inputs: speed only)")
         quantize_onnx(fp32, quantized, torch.randn(32, *x.shape[1:]))
     return quantized
+
+
+def _executorch_installed() -> bool:
+    return importlib.util.find_spec("executorch") is not None
+
+
+def _pte_runner(fast: nn.Module, x: torch.Tensor, tmp: Path, int8: bool, say) -> Callable[[], Any]:
+    """The model as an ExecuTorch program for ``x``'s batch (fixed, as on a device), run by
+    ExecuTorch's runtime (int8: PT2E-quantized on random inputs, which is enough to time it)."""
+    path = tmp / f"model-{len(x)}{'-int8' if int8 else ''}.pte"
+    model = copy.deepcopy(fast).cpu().to(memory_format=torch.contiguous_format)  # NCHW: channels_last fails
+    edge.decompose_batchnorm(model)
+    if int8:
+        say("quantizing to int8 for ExecuTorch (random calibration inputs: speed only)")
+        model = edge.quantize_pt2e(model, torch.randn(32, *x.shape[1:]))
+    say(f"writing an ExecuTorch program for batch {len(x)}")
+    edge.write_pte(model, x.cpu(), path)
+    run = edge.pte_runner(path)
+    return lambda: run(x.cpu())
 
 
 def _ort_runner(path: Path, x: torch.Tensor) -> Callable[[], Any]:
