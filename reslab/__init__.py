@@ -19,6 +19,7 @@ _PUBLIC = {
     "list_models": "reslab.models",
     "load_weights": "reslab.weights",
     "save_weights": "reslab.weights",
+    "save_pretrained": "reslab.deploy.share",
 }
 __all__ = ["ReslabError", "__version__", *_PUBLIC]
 

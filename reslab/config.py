@@ -216,7 +216,8 @@ class ScheduleConfig:
 class FinetuneConfig:
     """Transfer learning: start from pretrained weights, replace the head, freeze and unfreeze."""
 
-    # a checkpoint/weights file, or torchvision:NAME.WEIGHTS (e.g. torchvision:resnet50.IMAGENET1K_V2)
+    # a checkpoint/weights file, torchvision:NAME.WEIGHTS (e.g. torchvision:resnet50.IMAGENET1K_V2),
+    # hf-hub:ORG/NAME[@REVISION] (e.g. hf-hub:timm/resnet50.a1_in1k) or local-dir:PATH
     source: str | None = None
     freeze: Freeze = "base"  # base: all but the head; stages:N: the stem and the first N stages; none
     unfreeze_at: list[UnfreezeAt] = field(default_factory=list)  # "EPOCH:N": unfreeze the last N stages

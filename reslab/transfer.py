@@ -83,15 +83,15 @@ def torchvision_weights(spec: str) -> Pretrained:
 
 def load_source(source: str, model: str | None = None) -> Pretrained:
     """Pretrained weights from a reslab checkpoint, a weights file (``model`` names its
-    architecture) or torchvision (``torchvision:NAME.WEIGHTS``)."""
+    architecture), torchvision (``torchvision:NAME.WEIGHTS``) or the Hugging Face Hub
+    (``hf-hub:timm/resnet50.a1_in1k``, or a folder in its layout: ``local-dir:PATH``)."""
     if source.startswith("torchvision:"):
         return torchvision_weights(source.split(":", 1)[1])
-    ckpt = read_checkpoint(source, model)
-    recorded = ckpt.config is not None  # a reslab checkpoint knows its preprocessing
+    ckpt = read_checkpoint(source, model, device="cpu")
     return Pretrained(
         ckpt.arch,
         ckpt.model.state_dict(),
-        ckpt.preprocess if recorded else None,
+        ckpt.preprocess if ckpt.preprocess_known else None,  # reslab checkpoints and hub configs carry it
         ckpt.model_args,
         str(source),
     )

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reslab.errors import ReslabError
+from reslab.hub import is_hub_name, locate
 
 # Containers that training scripts wrap a state dict in, most specific first.
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network")
@@ -34,8 +35,9 @@ _SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".tar", ".safetensors")
 
 
 def is_checkpoint_path(path: str | os.PathLike) -> bool:
-    """Whether a path names a weights file (by its suffix), as opposed to an image or a folder."""
-    return Path(path).suffix.lower() in _SUFFIXES
+    """Whether a path names weights (a file by its suffix, or ``hf-hub:``/``local-dir:``), as
+    opposed to an image or a folder."""
+    return is_hub_name(path) or Path(path).suffix.lower() in _SUFFIXES
 
 
 @dataclass
@@ -165,13 +167,17 @@ def load_weights(
 ) -> LoadReport:
     """Load ``source`` (a file path or a state dict / checkpoint dict) into ``model``.
 
-    Understands reslab checkpoints, torchvision and timm state dicts, and checkpoints from common
+    ``source`` may also name weights on the Hugging Face Hub (``hf-hub:timm/resnet50.a1_in1k``) or
+    a folder in its layout (``local-dir:PATH``). Understands reslab checkpoints, torchvision and
+    timm state dicts, and checkpoints from common
     training scripts (a dict holding ``state_dict`` or ``model``, DataParallel's ``module.`` prefix,
     a head called ``linear``, shortcuts called ``shortcut``). When only the classifier differs, says so; ``ignore_head=True`` (or
     ``strict=False``) then loads everything else. ``strict=False`` also skips missing, unexpected
     and mismatched keys, and the returned report lists them.
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+    if is_hub_name(source):  # hf-hub:ORG/NAME or local-dir:PATH
+        source = locate(source).weights
     obj = read_file(source) if isinstance(source, (str, os.PathLike)) else source
     sd = extract_state_dict(obj, source=name)
     own = model.state_dict()

@@ -98,7 +98,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
             for precision, info in facts["files"].items():
                 print(_file_line(precision, info))
             return 0
-        out = args.out or str(Path(args.checkpoint).with_suffix(FORMATS[args.format].suffix))
+        out = args.out or default_output(args.checkpoint, FORMATS[args.format].suffix)
         calibration = calibration_images(ckpt, args.calib, args.calib_n) if args.quantize else None
         report = export_model(
             ckpt, args.format, out, batch=args.batch, fold_bn=args.fold_bn, verify_inputs=verify,
@@ -138,6 +138,16 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+def default_output(source: str, suffix: str) -> str:
+    """Beside a checkpoint file (``best.pt`` -> ``best.onnx``); in this folder for weights by name
+    (``hf-hub:timm/resnet50.a1_in1k`` -> ``timm_resnet50.a1_in1k.onnx``)."""
+    from reslab.hub import is_hub_name
+
+    if is_hub_name(source):
+        return source.split(":", 1)[1].strip("/").replace("/", "_").replace("@", "_") + suffix
+    return str(Path(source).with_suffix(suffix))
 
 
 def _file_line(precision: str, info: dict) -> str:
@@ -265,6 +275,33 @@ def _bench(p: argparse.ArgumentParser) -> Handler:
         columns += [("gf", "GFLOP/s"), ("peak", "of its peak"), ("agree", "top-1 = fp32")]
         columns += [("ratio", "vs torchvision")]
         print(format_table(rows, columns))
+        return 0
+
+    return run
+
+
+@command("push", "share a trained model on the Hugging Face Hub (timm's layout, with a model card)")
+def _push(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("source", metavar="RUN_DIR_OR_CKPT")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME")
+    p.add_argument("--private", action="store_true", help="a private repository")
+    p.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if needed)")
+    p.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0)")
+    p.add_argument(
+        "--local-dir", metavar="DIR", help="write the folder here and upload nothing (to look at it first)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from reslab.deploy.share import push
+
+        result = push(
+            args.source, args.repo, private=args.private, revision=args.revision, license=args.license,
+            local_dir=args.local_dir,
+        )  # fmt: skip
+        if result["uploaded"]:
+            print(f"pushed {args.source} to {result['repo']}: {result['url']}")
+        else:
+            print(f"wrote {result['folder']} (not uploaded): model.safetensors, config.json, README.md")
         return 0
 
     return run

@@ -200,7 +200,8 @@ def _finetune(p: argparse.ArgumentParser) -> Handler:
         dest="source",
         required=True,
         metavar="SOURCE",
-        help="a reslab checkpoint, a weights file (with --model), or torchvision:resnet50.IMAGENET1K_V2",
+        help="a reslab checkpoint, a weights file (with --model), torchvision:resnet50.IMAGENET1K_V2, "
+        "hf-hub:timm/resnet50.a1_in1k or local-dir:PATH",
     )
     config_flag(
         p, "--data-dir", "data.dir", "ImageFolder layout (train/ + val/, or one folder)", required=True

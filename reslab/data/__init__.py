@@ -30,6 +30,9 @@ from reslab.data.preprocess import (
     IMAGENET_STD,
     Preprocess,
     default_preprocess,
+    from_pretrained_cfg,
+    imagenet_classes,
+    to_pretrained_cfg,
 )
 from reslab.data.sources import IMG_EXTENSIONS, ImageArrays, find_splits
 
@@ -56,10 +59,13 @@ __all__ = [
     "find_splits",
     "first_batch",
     "fixed_batches",
+    "from_pretrained_cfg",
     "has_test_split",
     "image_loader",
+    "imagenet_classes",
     "in_background",
     "list_images",
     "random_crop_flip",
     "resolve_paths",
+    "to_pretrained_cfg",
 ]

@@ -7,8 +7,11 @@ inputs the way it was trained on them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from torchvision.models import ResNet50_Weights  # its meta holds ImageNet's class names
 
 from reslab.data.decode import Geometry
 from reslab.errors import ReslabError
@@ -19,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # CIFAR-10's training-set statistics: the default of 32x32 models whose data is not at hand.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_CROP_PCT = 0.875  # 224 of 256: torchvision's and timm's evaluation crop
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,43 @@ class Preprocess:
         return cls(**known)
 
 
+def from_pretrained_cfg(cfg: dict[str, Any], classes: tuple[str, ...] = ()) -> Preprocess:
+    """The preprocessing timm records with weights (``pretrained_cfg``): the input size, the
+    centre crop fraction (resize the shorter side to ``floor(size / crop_pct)``, as timm's eval
+    transform does), interpolation, mean and std."""
+    channels, height, width = cfg.get("input_size", (3, 224, 224))
+    crop_pct = cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    if cfg.get("crop_mode", "center") != "center":
+        raise ReslabError(f"crop_mode {cfg['crop_mode']!r}: reslab evaluates with a centre crop only")
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    pre = Preprocess(
+        (height, width),
+        mean,
+        std,
+        len(mean),
+        math.floor(height / crop_pct),
+        cfg.get("interpolation", "bilinear"),
+        classes,
+    )
+    return pre.for_channels(channels)
+
+
+def to_pretrained_cfg(pre: Preprocess) -> dict[str, Any]:
+    """:func:`from_pretrained_cfg`'s inverse: a ``Preprocess`` as timm's ``pretrained_cfg`` fields."""
+    height, width = pre.size[-2:]
+    crop_pct = height / pre.resize if pre.resize else 1.0
+    if pre.resize and math.floor(height / crop_pct) != pre.resize:  # float rounding: aim mid-pixel
+        crop_pct = height / (pre.resize + 0.5)
+    return {
+        "input_size": [pre.channels, height, width],
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+        "interpolation": pre.interpolation,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+    }
+
+
 def default_preprocess(arch: str, in_chans: int, classes: tuple[str, ...] = ()) -> Preprocess:
     """ImageNet preprocessing for ImageNet-sized models, CIFAR-10's statistics for 32x32 ones."""
     size = tuple(get_model_entry(arch).spec.input_size[-2:])
@@ -98,3 +139,10 @@ def default_preprocess(arch: str, in_chans: int, classes: tuple[str, ...] = ()) 
     else:
         pre = Preprocess(size, CIFAR10_MEAN, CIFAR10_STD, 3, classes=classes)
     return pre.for_channels(in_chans)
+
+
+def imagenet_classes(num_classes: int) -> list[str] | None:
+    """ImageNet-1k's class names (torchvision's list) for 1000-class weights that carry none."""
+    if num_classes != 1000:
+        return None
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -32,6 +32,7 @@ from reslab.engine import read_checkpoint, resolve_device
 from reslab.engine.device import DTYPES, Precise, pytorch_tf32_defaults, set_tf32, synchronize
 from reslab.engine.timing import latency, matmul_peak, time_calls
 from reslab.errors import ReslabError
+from reslab.hub import is_hub_name
 from reslab.models import create_model, get_model_entry
 
 BACKENDS = (
@@ -114,7 +115,7 @@ def bench(
         )
     model_args: dict[str, Any] = {}
     real = None  # a checkpoint's own test images, where it records its data
-    if Path(target).is_file():
+    if is_hub_name(target) or Path(target).is_file():
         ckpt = read_checkpoint(target, device="cpu")
         model, name, model_args = ckpt.model, ckpt.arch, ckpt.model_args
         if (ckpt.config or {}).get("data") and not input_size:

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.data import Preprocess, default_preprocess
+from reslab.data import Preprocess, default_preprocess, from_pretrained_cfg, imagenet_classes
 from reslab.engine.device import resolve_device
 from reslab.errors import NonFiniteLoss, ReslabError
-from reslab.models import create_model
+from reslab.hub import is_hub_name, locate
+from reslab.models import create_model, get_model_entry
 from reslab.weights import atomic_save, extract_state_dict, load_weights, read_file
 
 LAST, BEST = "last.pt", "best.pt"
@@ -186,6 +187,7 @@ class Checkpoint:
     model_args: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None  # the training config (None for bare weights)
     policy: dict[str, Any] | None = None  # what trained it beyond plain training (e.g. fine-tuning)
+    preprocess_known: bool = False  # recorded with the weights (False: a default for the architecture)
 
     @property
     def classes(self) -> list[str]:
@@ -202,6 +204,8 @@ def read_checkpoint(
     """Read a reslab checkpoint (it names its architecture) or a bare state dict (torchvision,
     timm, ...; ``model`` names it) into a model in eval mode on ``device`` (default: CUDA when
     available), with its metadata."""
+    if is_hub_name(path):
+        return _hub_checkpoint(str(path), model, device)
     obj = read_file(path)
     if "arch" in obj:
         rc = RunCheckpoint.from_dict(obj, source=str(path))
@@ -229,4 +233,26 @@ def read_checkpoint(
         rc.model_args,
         rc.config,
         rc.policy,
+        preprocess_known=rc.preprocess is not None,
+    )
+
+
+def _hub_checkpoint(source: str, model: str | None, device: str | torch.device) -> Checkpoint:
+    """Weights by name (``hf-hub:``, ``local-dir:``): the model its config names, with the
+    preprocessing and class names that came with the weights."""
+    found = locate(source)
+    if model and get_model_entry(model).name != get_model_entry(found.arch).name:
+        raise ReslabError(f"{source} holds a {found.arch}, not a {model}; drop --model")
+    net = create_model(found.arch, pretrained=source)
+    classes = (
+        found.label_names or imagenet_classes(net.num_classes) or [str(i) for i in range(net.num_classes)]
+    )
+    pre = from_pretrained_cfg(found.pretrained_cfg, tuple(classes))
+    return Checkpoint(
+        net.to(resolve_device(device)).eval(),
+        get_model_entry(found.arch).name,
+        pre,
+        source,
+        found.model_args,
+        preprocess_known=True,
     )

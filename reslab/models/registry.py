@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from reslab.errors import ReslabError
+from reslab.hub import is_hub_name, locate
 from reslab.models.resnet import ResNet
 from reslab.models.spec import SPEC_FIELDS, ResNetSpec
+from reslab.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def create_model(
     in_chans: int = 3,
     features_only: bool = False,
     out_indices: tuple[int, ...] | None = None,
+    pretrained: str | None = None,
     **overrides: Any,
 ) -> ResNet:
     """Build a registered network.
@@ -107,8 +110,27 @@ def create_model(
     CIFAR ones). ``overrides`` are build options (``zero_init_residual``, ``drop_path_rate``,
     ``output_stride``, ``norm_layer``, ...) or spec fields: ``shortcut`` may be chosen on any
     residual network; any other spec field must agree with the named architecture.
+
+    ``pretrained`` loads weights: a file, ``hf-hub:ORG/NAME[@REVISION]`` (the Hugging Face Hub,
+    e.g. ``hf-hub:timm/resnet50.a1_in1k``) or ``local-dir:PATH``; the classifier takes the
+    weights' number of classes unless ``num_classes`` says otherwise (then only it is new).
     """
     entry = get_model_entry(name)
+    new_head = num_classes is not None  # asked for: a head of its own, whatever the weights' classes
+    if pretrained is not None and is_hub_name(pretrained):
+        found = locate(pretrained)
+        if get_model_entry(found.arch).name != entry.name:
+            raise ReslabError(
+                f"{pretrained} holds a {found.arch}, not a {entry.name}; build it with "
+                f"create_model({found.arch!r}, pretrained={pretrained!r})"
+            )
+        args = dict(found.model_args)  # timm's build arguments, as the config records them
+        if args.pop("global_pool", "avg") not in ("avg", ""):
+            raise ReslabError(f"{pretrained}: pools otherwise than by averaging; reslab's ResNets average")
+        in_chans = args.pop("in_chans", in_chans)
+        num_classes = args.pop("num_classes", found.num_classes) if num_classes is None else num_classes
+        overrides = {**args, **overrides}
+        pretrained = str(found.weights)
     name, spec = entry.name, entry.spec
     changes, options = {}, {}
     for key, value in overrides.items():
@@ -145,4 +167,9 @@ def create_model(
         **options,
     )
     model.name = name
+    if pretrained is not None:
+        report = load_weights(model, pretrained, strict=False)
+        if report.missing or report.unexpected or report.mismatched or (report.head_skipped and not new_head):
+            extra = "; pass num_classes for a new classifier" if report.head_skipped else ""
+            raise ReslabError(f"{pretrained}: does not fit {name}: {report}{extra}")
     return model
