@@ -142,6 +142,14 @@ def data_name(name: str | None, folder: str | None) -> str | None:
     return name if name is not None else ("folder" if folder is not None else None)
 
 
+def one_budget(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides where a budget given one way (epochs or iterations) replaces the recipe's other one."""
+    if "epochs" in overrides or "iters" in overrides:
+        overrides = {**overrides}
+        overrides.setdefault("iters" if "epochs" in overrides else "epochs", None)
+    return overrides
+
+
 def int_list(constraint: Range) -> Any:
     """An argparse ``type`` for comma-separated integers, each checked (e.g. ``--depths 20,56``)."""
     item = arg_type(int, constraint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from reslab.analysis.landscape import filter_normalized_direction, surface
 from reslab.analysis.lesion import lesioned, path_lengths, removable_blocks
 from reslab.analysis.responses import layer_response_stds
 from reslab.cli import main
+from reslab.config import load_config
+from reslab.weights import read_file
 
 
 def test_filter_normalized_direction_matches_weight_filter_norms() -> None:
@@ -290,14 +293,91 @@ def test_paper_study_runs_in_parallel_processes_and_is_restartable(tmp_path) -> 
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["plain20", "resnet20", "resnet110"]  # no plain-110
+    assert summary["jobs"] == 2 and summary["wall_s"] > 0 and "img/s" in (out / "summary.md").read_text()
     for m in summary["models"]:
         run = json.loads((out / "runs" / m["name"] / "summary.json").read_text())
         assert run["iterations"] == 2 and m["test_error"] == run["eval_err"]
+        assert m["img_s"] == round(2 * 128 / run["train_seconds"])  # its training speed
         assert "reslab: training" in (out / "runs" / m["name"] / "train.log").read_text()  # its own process
     table = (out / "summary.md").read_text()
     assert "| resnet20 |" in table and "| 8.75 | 8.27 |" in table and "| 6.43 | 6.32 |" in table
     assert (out / "summary.html").exists() and (out / "degradation.png").exists()
-    stamp = (out / "runs" / "resnet20" / "last.pt").stat().st_mtime_ns
+    before = (out / "runs" / "resnet20" / "last.pt").read_bytes()
     assert main(argv) == 0  # nothing left to train: the finished runs are reused
-    assert (out / "runs" / "resnet20" / "last.pt").stat().st_mtime_ns == stamp
+    assert (out / "runs" / "resnet20" / "last.pt").read_bytes() == before
     assert main(["analyze", "degradation", "--paper", "--quick", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_runs_are_packed_longest_first_and_concurrency_is_measured() -> None:
+    from reslab.analysis.runner import GAIN, Concurrency, PlannedRun, longest_first
+
+    runs = [
+        PlannedRun(n, load_config("cifar10_paper", {"model": n}))
+        for n in ("resnet20", "resnet110", "plain56")
+    ]
+    assert [r.label for r in longest_first(runs)] == ["resnet110", "plain56", "resnet20"]
+    c = Concurrency(cap=4)
+    assert c.start == 1 and c.observe(1, 100.0) and c.observe(2, 180.0)  # still rising: one more
+    assert not c.observe(3, 180.0 * GAIN * 0.99) and c.settled  # not 10% more: hold at three
+    assert not c.observe(3, 1e9)  # settled stays settled
+    capped = Concurrency(cap=2)
+    assert capped.observe(1, 1.0) and not capped.observe(2, 10.0)  # the cap
+    assert not Concurrency(cap=4, fixed=3).observe(3, 1.0) and Concurrency(cap=4, fixed=3).start == 3
+
+
+def test_runs_trained_at_once_end_as_they_would_alone(tmp_path) -> None:
+    """Two runs in processes of their own (the capturable step, uncaptured on a CPU) give bitwise the
+    weights each gives trained alone in this process."""
+    from reslab.analysis.runner import PlannedRun, train_runs
+    from reslab.weights import read_file
+
+    tiny = {"data.limit_train": 64, "data.limit_test": 20, "data.batch_size": 32, "iters": 3}
+    tiny.update(device="cpu", cuda_graphs="on", progress=False)
+
+    def plan(folder: str) -> list[PlannedRun]:
+        return [
+            PlannedRun(m, load_config(overrides={**tiny, "model": m, "out": str(tmp_path / folder / m)}))
+            for m in ("resnet20", "plain20")
+        ]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the children's share
+    try:
+        with pytest.warns(UserWarning, match="capturable step runs uncaptured"):
+            alone = train_runs(plan("alone"), jobs=1, progress=False)
+        packed = train_runs(plan("packed"), jobs=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert alone["jobs"] == 1 and packed["jobs"] == 2 and packed["wall_s"] > 0
+    for m in ("resnet20", "plain20"):
+        a, b = (read_file(tmp_path / f / m / "last.pt")["model"] for f in ("alone", "packed"))
+        assert all(torch.equal(v, b[k]) for k, v in a.items()), m
+        assert "reslab: training" in (tmp_path / "packed" / m / "train.log").read_text()
+
+
+def test_reproduce_reports_the_mean_and_spread_over_seeds(tmp_path, capsys) -> None:
+    import statistics
+
+    from reslab.inference import evaluate_checkpoints
+
+    out = tmp_path / "rep"
+    args = ["reproduce", "--config", "mnist_quick", "--seeds", "2", "--tta", "flip", "--device", "cpu"]
+    args += ["--jobs", "1", "--out", str(out), "--no-progress", "iters=2", "data.limit_train=64"]
+    args += ["data.limit_test=40", "data.batch_size=32"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    errors = [json.loads((Path(r["run_dir"]) / "summary.json").read_text())["eval_err"] for r in runs]
+    assert [r["seed"] for r in runs] == [0, 1] and [r["test_error"] for r in runs] == errors
+    assert summary["test_error_mean"] == pytest.approx(statistics.fmean(errors))
+    assert summary["test_error_std"] == pytest.approx(statistics.stdev(errors))
+    flip = evaluate_checkpoints(
+        [str(Path(runs[1]["run_dir"]) / "last.pt")], tta="flip", device="cpu", precision="fp32"
+    )
+    assert runs[1]["tta_error"] == pytest.approx(flip["top1_err"])
+    a, b = (read_file(Path(r["run_dir"]) / "last.pt")["model"] for r in runs)
+    assert not torch.equal(a["conv1.weight"], b["conv1.weight"])  # seeds differ
+    assert "test error:" in (out / "summary.md").read_text() and (out / "reproduce.png").exists()
+    capsys.readouterr()
+    assert main(args) == 0  # the same study again: its runs are reused, and it says so
+    assert "reusing 2 finished run(s) of this study: seed0, seed1" in capsys.readouterr().err

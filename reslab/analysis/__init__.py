@@ -4,7 +4,7 @@ Every study module offers ``run`` (the library function), and ``HELP``, ``add_ar
 ``main`` for its command line (``reslab analyze STUDY``).
 """
 
-from reslab.analysis import degradation, gradients, landscape, lesion, report, responses
+from reslab.analysis import degradation, gradients, landscape, lesion, report, reproduce, responses
 
 STUDIES = {
     "degradation": degradation,
@@ -13,6 +13,7 @@ STUDIES = {
     "landscape": landscape,
     "lesion": lesion,
     "report": report,
+    "reproduce": reproduce,
 }
 
-__all__ = ["STUDIES", "degradation", "gradients", "landscape", "lesion", "report", "responses"]
+__all__ = ["STUDIES", "degradation", "gradients", "landscape", "lesion", "report", "reproduce", "responses"]

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 from reslab.analysis.args import add_common_args
 from reslab.analysis.inputs import data_fields, data_identity
 from reslab.analysis.output import finish, md_table, pyplot, study_dir, write_summary
 from reslab.analysis.report import build_report
-from reslab.analysis.runner import PlannedRun, train_runs
+from reslab.analysis.runner import PlannedRun, jobs_arg, train_runs
 from reslab.config import POSITIVE, arg_type, int_list, load_config, resolve_recipe
 from reslab.engine.rundir import read_metrics
 from reslab.errors import ReslabError
@@ -84,18 +85,20 @@ def run(
     seed: int = 0,
     progress: bool = True,
     device: str = "auto",
-    jobs: int | None = None,
+    jobs: int | str | None = None,
 ) -> dict[str, Any]:
     """Train the twins of each depth (only the ResNet above 56 layers with ``paper``) and compare
     them. Runs already finished are reused and interrupted ones resumed, so a study can be
-    restarted. ``jobs`` > 1 trains that many at once, as separate processes."""
+    restarted. ``jobs`` > 1 trains that many at once, as separate processes; ``auto`` (the
+    default) as many as measurably fill a GPU, one at a time on CPUs. The summary has the study's
+    wall time (``wall_s``) and each run's training speed (``img_s``)."""
     if paper and quick:
         raise ReslabError(
             "--paper trains the paper's schedule; drop --quick (or drop --paper for a quick look)"
         )
     if paper and not (data or data_dir):
         raise ReslabError("--paper trains on CIFAR-10: pass --data-dir DIR (class folders train/ and test/)")
-    jobs = jobs or (3 if torch.cuda.is_available() and device != "cpu" else 1)
+    jobs = jobs or "auto"
     fields = data_fields(data, data_dir)
     if fields.get("dir"):
         fields["dir"] = str(Path(fields["dir"]).resolve())
@@ -130,12 +133,20 @@ def run(
             }
             runs.append(PlannedRun(label, load_config(None if quick else recipe, overrides)))
             rows.append((label, depth, residual))
-    train_runs(runs, jobs, progress)
+    packed = train_runs(runs, jobs, progress)
     models = [_model_row(*row, run.run_dir) for row, run in zip(rows, runs, strict=True)]
     _plot(models, out / "degradation.png")
     _write_csv(models, out / "curves.csv")
     findings = _findings(models)
-    summary = {"quick": quick, "paper": paper, "depths": depths, "models": models, "findings": findings}
+    summary = {
+        "quick": quick,
+        "paper": paper,
+        "depths": depths,
+        "wall_s": packed["wall_s"],
+        "jobs": packed["jobs"],
+        "models": models,
+        "findings": findings,
+    }
     md = [
         "# Degradation: plain vs residual networks",
         "",
@@ -148,8 +159,12 @@ def run(
                 ("train_error", "final train error"),
                 ("test_error", "final test error"),
                 ("iterations", "iterations"),
+                ("img_s", "img/s"),
             ],
         ),
+        "",
+        f"Trained in {packed['wall_s'] / 60:.1f} min of wall time, {packed['jobs']} run(s) at a time "
+        "(this call: runs an earlier call finished are reused).",
         "",
         *(f"- {k}: {v}" for k, v in findings.items()),
         "",
@@ -209,7 +224,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the paper's CIFAR-10 study: plain-20..56 and ResNet-20..110 on its recipe, with Table 6",
     )
     p.add_argument(
-        "--jobs", type=arg_type(int, POSITIVE), help="runs trained at once (default: 3 on a GPU, 1 on CPUs)"
+        "--jobs",
+        type=jobs_arg,
+        default="auto",
+        help="runs trained at once, or auto (default): as many as measurably fill a GPU, one on CPUs",
     )
 
 
@@ -236,6 +254,11 @@ def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[st
     iters = [r for r in rows if r["kind"] == "iter"]
     evals = [r for r in rows if r["kind"] in ("eval", "epoch") and r.get("eval_err") is not None]
     last = iters[-1]["iteration"] if iters else 0
+    summary = (
+        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    )
+    seconds = summary.get("train_seconds")
+    batch = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data", {}).get("batch_size", 0)
     return {
         "name": label,
         "depth": depth,
@@ -243,6 +266,10 @@ def _model_row(label: str, depth: int, residual: bool, run_dir: Path) -> dict[st
         "train_error": tail_mean(iters, TRAIN_TAIL),
         "test_error": evals[-1]["eval_err"] if evals else None,
         "iterations": last,
+        "img_s": round(last * batch / seconds)
+        if seconds
+        else None,  # training speed, on its share of the device
+        "train_seconds": seconds,
         "run_dir": str(run_dir),
         "curve": {
             "train": [(r["iteration"], r["train_err"]) for r in iters],

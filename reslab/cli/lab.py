@@ -28,3 +28,18 @@ def _analyze(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+@command("reproduce", "train a recipe with several seeds: mean and std of test error and time (records)")
+def _reproduce(p: argparse.ArgumentParser) -> Handler:
+    from reslab.analysis import reproduce
+
+    reproduce.add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        result = reproduce.main(args)
+        print(Path(result["out"], "summary.md").read_text())
+        print(f"study folder: {result['out']}")
+        return 0
+
+    return run

@@ -15,6 +15,7 @@ from reslab.config import (
     choices,
     data_name,
     key_type,
+    one_budget,
     parse_override,
     parse_value,
 )
@@ -90,9 +91,7 @@ def overrides_from(args: argparse.Namespace, target: str = TRAIN) -> dict[str, A
     name = data_name(overrides.get("data.name"), overrides.get("data.dir"))
     if name is not None:
         overrides["data.name"] = name
-    if "epochs" in overrides or "iters" in overrides:
-        overrides.setdefault("iters" if "epochs" in overrides else "epochs", None)
-    return overrides
+    return one_budget(overrides)
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
