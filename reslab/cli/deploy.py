@@ -76,12 +76,15 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from reslab.deploy import real_inputs
         from reslab.deploy.bundle import write_bundle
+        from reslab.deploy.edge import coreml_can_predict
         from reslab.deploy.export import FORMATS, export_model
         from reslab.deploy.quantize import calibration_images, compare_on_test
         from reslab.engine import read_checkpoint
 
         ckpt = read_checkpoint(args.checkpoint, args.model, device="cpu")
-        verify = real_inputs(ckpt, args.images, 16)
+        # Core ML packages are checked by their spec where Core ML cannot run them (off macOS)
+        needs_images = args.format != "coreml" or coreml_can_predict() or args.bundle
+        verify = real_inputs(ckpt, args.images, 16) if needs_images or args.images else None
         if args.bundle:
             if args.out:
                 raise ReslabError("--bundle writes its own files (model.pte, ...): drop --out")

@@ -138,10 +138,11 @@ def bench(
     sync = (lambda: synchronize(dev)) if dev.type == "cuda" else None
     say = progress or (lambda _msg: None)
     peaks = {}
-    for p in sorted({*precisions, "fp32"}):
+    int8 = {"int8"} if any(b.endswith("-int8") for b in backends) else set()
+    for p in sorted({*precisions, "fp32", *int8}):
         say(f"measuring the {p} matmul peak")
         set_tf32(p == "tf32")
-        peaks[p] = matmul_peak(1.5 * min_time, device=dev, dtype=DTYPES[p])
+        peaks[p] = matmul_peak(1.5 * min_time, device=dev, dtype=DTYPES.get(p, torch.int8))
     with torch.device("meta"):
         twin = create_model(name, num_classes=model.num_classes, in_chans=model.in_chans, **model_args)
         macs_per_image = count_macs(twin.eval(), (1, model.in_chans, *size))
@@ -174,9 +175,7 @@ def bench(
                         "batch": bs,
                         **cell,
                         "gflops_per_s": gflops,
-                        "peak_precision": precision
-                        if precision in peaks and not backend.startswith("ort")
-                        else "fp32",
+                        "peak_precision": precision if precision in peaks else "fp32",
                         "top1_agree": (out.float().argmax(1) == reference).float().mean().item(),
                         "tf32": tf32,
                     }

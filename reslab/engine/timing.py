@@ -49,7 +49,9 @@ def latency(times: list[float], batch: int) -> dict[str, float]:
 def matmul_peak(
     seconds: float = 3.0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> float:
-    """The best GFLOP/s of large square matmuls in ``dtype`` on ``device``.
+    """The best GFLOP/s (for int8: billions of integer operations per second) of large square
+    matmuls in ``dtype`` on ``device``; int8 through ``torch._int_mm``, the kernel int8 inference
+    uses.
 
     The fastest single call counts, not the mean: on a shared machine a mean is pulled down by
     whatever else runs, and a peak that is too low makes every fraction of it look too good.
@@ -58,17 +60,29 @@ def matmul_peak(
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = 0.0
     sizes = (
-        (4096, 8192) if device.type != "cpu" else (1024, 2048, 3072) if dtype == torch.float32 else (256, 512)
+        (4096, 8192)
+        if device.type != "cpu"
+        else (1024, 2048, 3072)
+        if dtype in (torch.float32, torch.int8)
+        else (256, 512)
     )
     # (CPUs without bf16/fp16 units emulate them: large half-precision matmuls there take minutes)
     for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
+        if dtype == torch.int8:
+            a, b = (torch.randint(-128, 128, (n, n), device=device, dtype=dtype) for _ in range(2))
+            mm = torch._int_mm
+        else:
+            a, b = (
+                torch.randn(n, n, device=device, dtype=dtype),
+                torch.randn(n, n, device=device, dtype=dtype),
+            )
+            mm = torch.matmul
+        mm(a, b)
         sync()
         end = time.perf_counter() + seconds / len(sizes)
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            a @ b
+            mm(a, b)
             sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
