@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -265,6 +266,18 @@ def guard_output(path: str | os.PathLike, kind: str, *, inputs: tuple = (), over
                 f"{path} holds a {held}, not a {kind}; choose another --out, or pass --overwrite to replace it"
             )
     return path
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Move a finished file or folder built at ``tmp`` into place at ``path``; an earlier one there
+    is replaced (a folder is swapped in: renamed aside, the new one renamed in, the old removed)."""
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -24,7 +24,7 @@ from reslab.deploy.export import FORMATS, export_model
 from reslab.deploy.quantize import calibration_images, compare_on_test
 from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
-from reslab.weights import file_kind
+from reslab.weights import file_kind, publish
 
 RUNTIMES = {"pte": "executorch", "onnx": "onnxruntime"}  # what predict.py imports per format
 
@@ -97,13 +97,7 @@ def write_bundle(
         for path in tmp.glob("*.json"):  # the per-file sidecars are folded into bundle.json
             if path.name.startswith("model"):
                 path.unlink()
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return facts

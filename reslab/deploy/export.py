@@ -29,7 +29,7 @@ from reslab.deploy.fold import fold_batchnorm
 from reslab.deploy.onnx import ort_session, quantize_onnx, write_onnx
 from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
-from reslab.weights import guard_output
+from reslab.weights import guard_output, publish
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # How far an export may stray from its reference, relative to the largest logit: float32 rounding,
@@ -194,7 +194,7 @@ def export_model(
                 _verify(model, reference, tmp, fmt, verify_inputs, batch, quantize or precision, path)
             )
         sidecar.write_text(json_text(metadata))
-        _publish(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -349,14 +349,3 @@ def _size(path: Path) -> int:
         if path.is_dir()
         else path.stat().st_size
     )
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a verified file (or package folder) into place; an earlier one there is replaced."""
-    if tmp.is_dir() and path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, path)

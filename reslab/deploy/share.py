@@ -29,7 +29,7 @@ from reslab.engine.checkpoint import LAST
 from reslab.errors import ReslabError
 from reslab.hub import HF_HUB, hub_errors, split_revision
 from reslab.models import get_model_entry
-from reslab.weights import atomic_save, file_kind
+from reslab.weights import atomic_save, file_kind, publish
 
 # Public datasets the Hub knows by these names (for the card's front matter).
 HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "mnist": "ylecun/mnist"}
@@ -89,13 +89,7 @@ def save_pretrained(
         facts = _run_facts(run, tmp) if run is not None else {}
         (tmp / "README.md").write_text(_card(model, name, pre, config, facts, license, repo or "ORG/NAME"))
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
