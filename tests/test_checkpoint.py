@@ -77,6 +77,8 @@ def test_the_run_records_what_it_used_and_a_finished_run_takes_a_new_budget(tmp_
     assert read_run_checkpoint(first.run_dir / "last.pt").config["amp"] == "auto"
     more = fit(resume=first.run_dir, iters=8, progress=False)  # 4 more iterations, from Python
     assert more.iterations == 8 and more.run_dir == first.run_dir
+    with pytest.raises(ReslabError, match="has trained 8 iterations already"):
+        fit(resume=first.run_dir, iters=6, progress=False)
     rows = [json.loads(x) for x in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "iter"] == list(range(1, 9))
 

@@ -388,6 +388,11 @@ def _open(
         state, budget = _restore(ckpt, model, optimizer, scaler, ema, ctx.world, global_batch, device)
         if new_budget:
             budget = dataclasses.replace(budget, total_iters=_total_iters(cfg, len(data.train)))
+            if budget.done(state):
+                raise ReslabError(
+                    f"the run has trained {state.iteration} iterations already; a new budget counts "
+                    f"from its start, so give more (it is {budget.total_iters})"
+                )
     _start_epoch(policy, state, model, ctx)  # before DDP wraps the model: it registers trainable parameters
     train_model = dist.wrap(model, ctx)
     if cfg.compile == "on":
