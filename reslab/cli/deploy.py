@@ -77,7 +77,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         from reslab.deploy import real_inputs
         from reslab.deploy.bundle import write_bundle
         from reslab.deploy.edge import coreml_can_predict
-        from reslab.deploy.export import FORMATS, export_model
+        from reslab.deploy.export import FORMATS, default_output, export_model
         from reslab.deploy.quantize import calibration_images, compare_on_test
         from reslab.engine import read_checkpoint
 
@@ -141,16 +141,6 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
-
-
-def default_output(source: str, suffix: str) -> str:
-    """Beside a checkpoint file (``best.pt`` -> ``best.onnx``); in this folder for weights by name
-    (``hf-hub:timm/resnet50.a1_in1k`` -> ``timm_resnet50.a1_in1k.onnx``)."""
-    from reslab.hub import is_hub_name
-
-    if is_hub_name(source):
-        return source.split(":", 1)[1].strip("/").replace("/", "_").replace("@", "_") + suffix
-    return str(Path(source).with_suffix(suffix))
 
 
 def _file_line(precision: str, info: dict) -> str:

@@ -29,6 +29,7 @@ from reslab.deploy.fold import fold_batchnorm
 from reslab.deploy.onnx import ort_session, quantize_onnx, write_onnx
 from reslab.engine import Checkpoint
 from reslab.errors import ReslabError
+from reslab.hub import is_hub_name
 from reslab.weights import guard_output, publish
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -74,6 +75,15 @@ def _metadata(ckpt: Checkpoint, fmt: str, batch: str | int, folded: bool, precis
         if fmt == "coreml"
         else f"{dtype} NCHW, preprocessed as 'preprocess' says",
     }
+
+
+def default_output(source: str, suffix: str) -> str:
+    """Where an export of ``source`` goes by default: beside a checkpoint file (``best.pt`` ->
+    ``best.onnx``), in this folder for weights by name (``hf-hub:timm/resnet50.a1_in1k`` ->
+    ``timm_resnet50.a1_in1k.onnx``)."""
+    if is_hub_name(source):
+        return source.split(":", 1)[1].strip("/").replace("/", "_").replace("@", "_") + suffix
+    return str(Path(source).with_suffix(suffix))
 
 
 def runner(path: Path, fmt: str, gpu: bool = False):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from reslab.data import Placement, build_data, checkpoint_data, fixed_batches
-from reslab.deploy.export import export_model, runner
+from reslab.deploy.export import default_output, export_model, runner
 from reslab.deploy.inputs import real_inputs
 from reslab.deploy.onnx import ort_session
 from reslab.engine import Checkpoint, EvalStats, read_checkpoint
@@ -102,7 +102,7 @@ def quantize_report(
     accuracy on the checkpoint's real test split and their speed at batch 1 and 8 (``min_time``
     seconds per measurement)."""
     ckpt = read_checkpoint(checkpoint, model, device="cpu")
-    int8 = Path(out) if out else Path(checkpoint).with_suffix(".int8.onnx")
+    int8 = Path(out or default_output(checkpoint, ".int8.onnx"))
     fp32 = int8.with_name(
         int8.name.replace(".int8", "") if ".int8" in int8.name else int8.stem + ".fp32.onnx"
     )
