@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 
 from reslab.data.decode import Geometry, decode_bytes, decode_jpegs, describe_failure, is_jpeg, load_image
 from reslab.data.folder import FileLoader, read_bytes
-from reslab.data.loader import Placement
 from reslab.errors import ReslabError
 
 # auto measures both paths on this many files (a second or less), and only when a job has at
@@ -120,28 +119,10 @@ class BatchDecodeLoader(FileLoader):
     background = True  # decoding runs in this process: always beside the training step
     decode = "gpu"
 
-    def __init__(
-        self,
-        samples: list[tuple[str, int]],
-        geometry: Geometry,
-        *,
-        batch_size: int,
-        train: bool,
-        channels: int,
-        workers: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        place: Placement | None = None,
-        strict: bool = False,
-        eval_geometry: Geometry | None = None,
-    ) -> None:
-        place = place or Placement()
-        eval_args = dict(
-            samples=samples, geometry=eval_geometry or geometry, batch_size=batch_size,
-            channels=channels, workers=workers, mean=mean, std=std, place=place, strict=strict,
-        )  # fmt: skip
-        super().__init__(eval_args, FileBytes(samples), pack_files, train=train)
-        self.geometry, self.channels = geometry, channels
+    collate = staticmethod(pack_files)
+
+    def files(self, samples: list[tuple[str, int]]) -> Dataset:
+        return FileBytes(samples)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for packed in self.loader:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -356,27 +357,14 @@ def _streaming(
     geometry = pre.geometry(train=cfg.augment != "none")
     workers = cfg.workers if cfg.workers is not None else default_workers()
     decode, how = choose_decode(cfg.decode, place.device, train.samples, geometry, in_chans, workers)
+    # gpu: decoded a batch at a time on the device; cpu: one file at a time in DataLoader workers,
+    # with JPEG DCT scaling for training crops
+    loader = BatchDecodeLoader if decode == "gpu" else partial(FolderLoader, draft=True)
     common = dict(channels=in_chans, workers=workers, mean=mean, std=std, place=place)
-    if decode == "gpu":
-        train_loader = BatchDecodeLoader(
-            train.samples, geometry, batch_size=cfg.batch_size, train=True, eval_geometry=evaluate, **common
-        )
-        eval_loader = BatchDecodeLoader(
-            evaluation.samples, evaluate, batch_size=cfg.eval_batch_size, train=False, **common
-        )
-    else:  # decoded one file at a time in DataLoader workers
-        train_loader = FolderLoader(
-            train.samples,
-            geometry,
-            batch_size=cfg.batch_size,
-            train=True,
-            draft=True,
-            eval_geometry=evaluate,
-            **common,
-        )
-        eval_loader = FolderLoader(
-            evaluation.samples, evaluate, batch_size=cfg.eval_batch_size, train=False, **common
-        )
+    train_loader = loader(
+        train.samples, geometry, batch_size=cfg.batch_size, train=True, eval_geometry=evaluate, **common
+    )
+    eval_loader = loader(evaluation.samples, evaluate, batch_size=cfg.eval_batch_size, train=False, **common)
     return Data(
         name=cfg.name,
         train=train_loader,

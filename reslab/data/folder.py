@@ -98,37 +98,63 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]
 
 
 class FileLoader:
-    """What both file loaders share: a :class:`SeededSampler` over the samples feeding DataLoader
-    workers, their lengths, the evaluation twin, naming unreadable files on stderr and in
-    ``skipped`` (or refusing them with ``strict``), and the hand-over of finished batches.
+    """What both file loaders share: their constructor, a :class:`SeededSampler` over the samples
+    feeding DataLoader workers, their lengths, the evaluation twin, naming unreadable files on
+    stderr and in ``skipped`` (or refusing them with ``strict``), and the hand-over of finished
+    batches.
 
-    ``eval_args``: the keyword arguments that build this loader's evaluation twin (every argument
-    but ``train``), including ``place``, ``batch_size``, ``workers``, ``mean``, ``std``, ``strict``.
-    ``background``: prepare batches in a background thread (:func:`in_background`) even off CUDA,
-    where the loader does real work in this process.
+    Subclasses say what the workers produce (:meth:`files`, ``collate``) and how batches are
+    finished (:meth:`batches`). ``geometry`` transforms training images (``eval_geometry``, or
+    ``geometry``, those of the evaluation twin built by :meth:`as_eval`). ``background``: prepare
+    batches in a background thread (:func:`in_background`) even off CUDA, where the loader does
+    real work in this process.
     """
 
     background = False
     decode = "cpu"  # the decoding path, as ``data.decode`` names it
+    collate = None  # the DataLoader's collate_fn for what :meth:`files` yields
 
-    def __init__(self, eval_args: dict, dataset: Dataset, collate_fn, *, train: bool) -> None:
-        self._eval_args = eval_args
-        place, workers = eval_args["place"], eval_args["workers"]
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        geometry: Geometry,
+        *,
+        batch_size: int,
+        train: bool,
+        channels: int,
+        workers: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        place: Placement | None = None,
+        strict: bool = False,
+        eval_geometry: Geometry | None = None,
+    ) -> None:
+        place = place or Placement()
+        self._eval_args = dict(
+            samples=samples, geometry=eval_geometry or geometry, batch_size=batch_size,
+            channels=channels, workers=workers, mean=mean, std=std, place=place, strict=strict,
+        )  # fmt: skip
         self.device, self.place, self.train = place.device, place, train
-        self.batch_size, self.strict = eval_args["batch_size"], eval_args["strict"]
-        self.normalize = Uint8Normalizer(eval_args["mean"], eval_args["std"], 4, self.device)
+        self.geometry, self.channels = geometry, channels
+        self.batch_size, self.strict = batch_size, strict
+        self.normalize = Uint8Normalizer(mean, std, 4, self.device)
+        dataset = self.files(samples)
         self.sampler = SeededSampler(len(dataset), shuffle=train, place=place)
         self.loader = DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
-            collate_fn=collate_fn,
+            collate_fn=type(self).collate,
             drop_last=train,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
         )
         self.skipped: list[str] = []
+
+    def files(self, samples: list[tuple[str, int]]) -> Dataset:
+        """What the DataLoader workers read for each sample."""
+        raise NotImplementedError
 
     def as_eval(self, batch_size: int | None = None) -> Self:
         """The same files in their natural order, every one, with the evaluation geometry."""
@@ -170,30 +196,14 @@ class FolderLoader(FileLoader):
     and skipped, or raise with ``strict``. ``draft``: JPEG DCT scaling for large training crops.
     """
 
-    def __init__(
-        self,
-        samples: list[tuple[str, int]],
-        geometry: Geometry,
-        *,
-        batch_size: int,
-        train: bool,
-        channels: int,
-        workers: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        place: Placement | None = None,
-        strict: bool = False,
-        draft: bool = False,
-        eval_geometry: Geometry | None = None,
-    ) -> None:
-        place = place or Placement()
-        eval_args = dict(
-            samples=samples, geometry=eval_geometry or geometry, batch_size=batch_size,
-            channels=channels, workers=workers, mean=mean, std=std, place=place, strict=strict,
-        )  # fmt: skip
-        super().__init__(
-            eval_args, ImageFiles(samples, geometry, channels, draft and train), collate_skipping, train=train
-        )
+    collate = staticmethod(collate_skipping)
+
+    def __init__(self, *args, draft: bool = False, **kwargs) -> None:
+        self.draft = draft  # training loaders only: the evaluation twin never drafts
+        super().__init__(*args, **kwargs)
+
+    def files(self, samples: list[tuple[str, int]]) -> Dataset:
+        return ImageFiles(samples, self.geometry, self.channels, self.draft and self.train)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, skipped in self.loader:
